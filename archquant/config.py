@@ -1,0 +1,105 @@
+"""The root config: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+YAML files under ``configs/`` extend these schemas with values; every key is validated in the
+dataclasses' ``__post_init__`` with a message naming the override key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from archquant.data.config import DataConfig
+from archquant.evaluation.config import EvalConfig
+from archquant.latency_tables.config import LatencyConfig
+from archquant.models.config import ModelConfig
+from archquant.search.config import BudgetConfig, SearchConfig, SloConfig
+from archquant.supernet.space import SpaceConfig
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Fabric / Trainer settings shared by search and distillation.
+
+    Attributes:
+        accelerator: ``cpu``, ``gpu`` or ``auto``.
+        devices: number of devices (processes) to run on.
+        strategy: ``auto``, ``ddp``, ``fsdp`` ...
+        precision: Lightning precision string (``32-true``, ``bf16-mixed``).
+        num_threads: torch intra-op threads on CPU (0 = leave torch's default).
+    """
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.devices <= 0:
+            raise ValueError(f"trainer.devices must be > 0, got {self.devices}")
+        if self.num_threads < 0:
+            raise ValueError(f"trainer.num_threads must be >= 0, got {self.num_threads}")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logging: ``csv`` (default), ``wandb`` (offline unless ``offline=false``) or ``none``."""
+
+    kind: str = "csv"
+    project: str = "archquant"
+    offline: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("csv", "wandb", "none"):
+            raise ValueError(f"logger.kind must be csv, wandb or none, got {self.kind!r}")
+
+
+@dataclass
+class Config:
+    """Everything one archquant command reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    out_dir: str = "."
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Register the schema of the root config and of every group with Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("space", SpaceConfig),
+        ("budget", BudgetConfig),
+        ("latency", LatencyConfig),
+        ("search", SearchConfig),
+        ("eval", EvalConfig),
+        ("slo", SloConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_object(cfg: DictConfig | Config) -> Config:
+    """Turn a composed DictConfig into validated dataclasses (runs every ``__post_init__``)."""
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise TypeError("config does not follow the archquant schema (missing `- base_config` in defaults?)")
+    return obj

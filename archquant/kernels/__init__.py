@@ -1,0 +1,1 @@
+"""Quantisers and kernels; every Triton kernel sits beside a pure-torch reference."""
