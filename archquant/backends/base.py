@@ -40,6 +40,15 @@ class Backend:
             raise BackendError(f"backend {self.name!r} has no kernel for {abits}-bit activations (has {self.act_bits})")
         return ref.fake_quant_act(x, abits)
 
+    def weight_bytes(self, num_weights: int, bits: int, group_size: int) -> float:
+        """Bytes that ``num_weights`` weights take in this engine at ``bits`` (scales/zeros included).
+
+        Reference format: packed integers + one fp16 scale and one uint8 zero per group.
+        """
+        if bits >= 16:
+            return num_weights * 2.0
+        return num_weights * bits / 8.0 + num_weights / group_size * 3.0
+
     def restrict_space(self, space_config, model_config):
         """Return the space config with choices the engine cannot run removed (default: unchanged)."""
         return space_config
