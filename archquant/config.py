@@ -13,10 +13,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from archquant.data.config import DataConfig
+from archquant.distill.config import DistillConfig
 from archquant.evaluation.config import EvalConfig
+from archquant.export.config import ExportConfig
 from archquant.latency_tables.config import LatencyConfig
 from archquant.models.config import ModelConfig
-from archquant.search.config import BudgetConfig, SearchConfig, SloConfig
+from archquant.search.config import BudgetConfig, ParetoConfig, RunConfig, SearchConfig, SloConfig
 from archquant.supernet.space import SpaceConfig
 
 
@@ -72,7 +74,12 @@ class Config:
     slo: SloConfig = field(default_factory=SloConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     out_dir: str = "."
+    resume: str | None = None  # a run folder to continue from its latest checkpoint (same config required)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +98,10 @@ def register_configs() -> None:
         ("slo", SloConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
+        ("pareto", ParetoConfig),
+        ("run", RunConfig),
+        ("distill", DistillConfig),
+        ("export", ExportConfig),
     ):
         cs.store(group=group, name=f"base_{group}", node=node)
 

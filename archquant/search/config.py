@@ -1,8 +1,9 @@
-"""Configs of the ``search``, ``budget`` and ``slo`` groups."""
+"""Configs of the ``search``, ``budget``, ``slo``, ``pareto`` and ``run`` groups."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -20,8 +21,8 @@ class BudgetConfig:
     def __post_init__(self) -> None:
         for key in ("latency_ms", "memory_mb"):
             val = getattr(self, key)
-            if val is not None and not val > 0:
-                raise ValueError(f"budget.{key} must be > 0 (or null for no budget), got {val}")
+            if val is not None and not (val > 0 and math.isfinite(val)):
+                raise ValueError(f"budget.{key} must be > 0 and finite (or null for no budget), got {val}")
 
 
 @dataclass
@@ -37,11 +38,21 @@ class SearchConfig:
         hard: straight-through hard samples (else soft).
         kd_temperature: temperature of the logit KL.
         lambda_latency, lambda_memory: penalty weights.
+        lambda_growth: after warm-up, each step a budget is exceeded (in expectation) its weight grows by
+            this factor (x(1+g)), and shrinks back towards the configured weight while it is met. A fixed
+            weight only meets the budget if it happens to outweigh the KD gradient; the growth finds the
+            weight that does (a dual-ascent-style update). 0 = fixed weights.
         warmup_steps: steps before the penalties bite.
         prune_every: entropy-pruner period (steps).
         prune_epsilon: normalised-entropy threshold below which a gate is fixed.
         checkpoint_every: steps between atomic checkpoints.
         seed: RNG seed (Gumbel noise, data order).
+        teacher_topk: teacher logits kept per token for KD (0 = all); the rest of the mass is one "tail"
+            bucket, so the loss is a KL between coarsened distributions (exact when nothing is cut).
+        ce_weight: weight of the next-token cross-entropy added to the KD term (0 = KD only).
+        repair: after the argmax, move open gates to cheaper choices (least probability lost first)
+            until the predicted latency/memory meet the budget.
+        keep_checkpoints: how many recent checkpoints to keep.
     """
 
     steps: int = 150
@@ -54,26 +65,35 @@ class SearchConfig:
     kd_temperature: float = 1.0
     lambda_latency: float = 5.0
     lambda_memory: float = 5.0
+    lambda_growth: float = 0.1
     warmup_steps: int = 10
     prune_every: int = 10
     prune_epsilon: float = 0.1
     checkpoint_every: int = 25
     seed: int = 0
+    teacher_topk: int = 64
+    ce_weight: float = 0.0
+    repair: bool = True
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "prune_every", "checkpoint_every"):
+        for key in ("steps", "batch_size", "prune_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"search.{key} must be > 0, got {getattr(self, key)}")
         for key in ("arch_lr", "tau_start", "tau_end", "kd_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"search.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("weight_lr", "lambda_latency", "lambda_memory", "warmup_steps"):
+        for key in ("weight_lr", "lambda_latency", "lambda_memory", "warmup_steps", "teacher_topk", "ce_weight",
+                    "lambda_growth"):
             if getattr(self, key) < 0:
                 raise ValueError(f"search.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.prune_epsilon < 1:
             raise ValueError(f"search.prune_epsilon must be in (0, 1), got {self.prune_epsilon}")
         if self.tau_end > self.tau_start:
             raise ValueError(f"search.tau_end ({self.tau_end}) must be <= search.tau_start ({self.tau_start})")
+        for key in ("arch_lr", "weight_lr", "tau_start", "tau_end", "kd_temperature", "lambda_latency", "lambda_memory"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"search.{key} must be finite, got {getattr(self, key)}")
 
 
 @dataclass
@@ -82,10 +102,69 @@ class SloConfig:
 
     Attributes:
         latency_ms: the latency the picked point must meet (ms, in the front's backend and scenario).
+        front: the ``pareto.json`` to pick from (or the folder holding it).
+        metric: what "most accurate" means: ``ppl`` (lowest held-out perplexity), ``accuracy`` (highest
+            mean zero-shot accuracy) or ``auto`` (accuracy when every point has it, else perplexity).
+        output: where ``picked.json`` goes (relative to the run folder).
     """
 
     latency_ms: float | None = None
+    front: str | None = None
+    metric: str = "auto"
+    output: str = "picked.json"
 
     def __post_init__(self) -> None:
         if self.latency_ms is not None and not self.latency_ms > 0:
             raise ValueError(f"slo.latency_ms must be > 0, got {self.latency_ms}")
+        if self.metric not in ("auto", "ppl", "accuracy"):
+            raise ValueError(f"slo.metric must be auto, ppl or accuracy, got {self.metric!r}")
+
+
+@dataclass
+class ParetoConfig:
+    """``archquant-pareto``: which points to collect and how to evaluate them.
+
+    Attributes:
+        runs: folders searched recursively for ``search.json`` (e.g. a ``-m`` sweep folder).
+        baselines: JSON files of extra points (``{"points": [...]}``, same fields as ``pareto.json``).
+        include_full: add the original model (full width, 16-bit) as a reference point.
+        measure: time every point in the serving backend (else the predicted latency is used, and said).
+        zero_shot: also run the ``eval`` group's zero-shot tasks on every point (slow on CPU).
+        output: where ``pareto.json`` goes (``pareto.png`` beside it), relative to the run folder.
+    """
+
+    runs: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
+    include_full: bool = True
+    measure: bool = True
+    zero_shot: bool = False
+    output: str = "pareto.json"
+
+
+@dataclass
+class RunConfig:
+    """``archquant-run``, the main job: a ladder of searches -> Pareto -> pick -> distil/export -> evaluate.
+
+    Attributes:
+        budget_fractions: the ladder, as fractions of the full model's predicted latency (device-independent).
+        budgets_ms: an explicit ladder in ms (overrides ``budget_fractions`` when set).
+        slo_fraction: the SLO to pick with when ``slo.latency_ms`` is unset, as a fraction of the full model.
+        distill: distil the picked architecture (when the distillation stage is installed).
+        export: export the picked model (when the export stage is installed).
+        evaluate: run the ``eval`` group on the picked model.
+    """
+
+    budget_fractions: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.8])
+    budgets_ms: list[float] | None = None
+    slo_fraction: float = 0.7
+    distill: bool = True
+    export: bool = True
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.budget_fractions or any(not 0 < f <= 1 for f in self.budget_fractions):
+            raise ValueError(f"run.budget_fractions must be fractions in (0, 1], got {list(self.budget_fractions)}")
+        if self.budgets_ms is not None and any(not b > 0 for b in self.budgets_ms):
+            raise ValueError(f"run.budgets_ms must all be > 0, got {list(self.budgets_ms)}")
+        if not 0 < self.slo_fraction <= 1:
+            raise ValueError(f"run.slo_fraction must be in (0, 1], got {self.slo_fraction}")

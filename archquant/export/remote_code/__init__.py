@@ -1,0 +1,1 @@
+"""Model code copied into every export folder, so ``trust_remote_code=True`` loads it without archquant."""

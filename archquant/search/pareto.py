@@ -1,0 +1,215 @@
+"""Pareto front of searched (and baseline) subnets: points, the non-dominated set, ``pareto.json`` and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archquant.utils.io import atomic_write_json
+
+PARETO_VERSION = 1
+
+
+@dataclass
+class ParetoPoint:
+    """One candidate model on the front.
+
+    Attributes:
+        name: unique label (e.g. ``search@12ms``, ``full``).
+        source: ``search``, ``full`` (the original model) or ``baseline``.
+        arch: the ``Arch`` record as a dict (None for the original model).
+        budget_ms: the latency target it was searched for.
+        predicted_ms, predicted_mb: the latency model's predictions.
+        measured_ms: latency measured in the serving backend (None if not measured).
+        measured_by: how ``measured_ms`` was taken.
+        memory_mb: weight memory (MB = 1e6 bytes; predicted, or the file size where measured).
+        ppl: held-out perplexity (lower is better).
+        val_kd: KD to the teacher on held-out calibration blocks (from the search).
+        accuracy: mean zero-shot accuracy (headline metric per task), when evaluated.
+        zero_shot: per-task results, when evaluated.
+        run_dir: the search run folder.
+    """
+
+    name: str
+    source: str = "search"
+    arch: dict[str, Any] | None = None
+    budget_ms: float | None = None
+    predicted_ms: float | None = None
+    predicted_mb: float | None = None
+    measured_ms: float | None = None
+    measured_by: str | None = None
+    memory_mb: float | None = None
+    ppl: float | None = None
+    val_kd: float | None = None
+    accuracy: float | None = None
+    zero_shot: dict[str, Any] | None = None
+    run_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Measured latency where there is one, else the prediction."""
+        return self.measured_ms if self.measured_ms is not None else self.predicted_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParetoPoint:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def point_from_run(run_dir: str | Path) -> ParetoPoint:
+    """A point from an ``archquant-search`` run folder (``search.json`` + ``arch.json``)."""
+    run_dir = Path(run_dir)
+    rec = json.loads((run_dir / "search.json").read_text())
+    arch = json.loads((run_dir / "arch.json").read_text())
+    budget = rec.get("budget", {}).get("latency_ms")
+    res = rec["result"]
+    name = f"search@{budget:g}ms" if budget is not None else f"search:{run_dir.name}"
+    return ParetoPoint(
+        name=name,
+        source="search",
+        arch=arch,
+        budget_ms=budget,
+        predicted_ms=res.get("predicted_ms"),
+        predicted_mb=res.get("predicted_mb"),
+        memory_mb=res.get("predicted_mb"),
+        val_kd=res.get("val_kd"),
+        run_dir=str(run_dir),
+        extra={"latency": rec.get("config", {}).get("latency", {})},
+    )
+
+
+def collect_runs(folders: list[str | Path]) -> list[ParetoPoint]:
+    """Every completed search run (a folder with ``search.json`` and ``arch.json``) under ``folders``."""
+    points = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            raise FileNotFoundError(f"pareto.runs: {folder} does not exist")
+        for rec in sorted(folder.rglob("search.json")):
+            if (rec.parent / "arch.json").exists():
+                points.append(point_from_run(rec.parent))
+    names: dict[str, int] = {}
+    for p in points:  # two runs at the same budget keep distinct names
+        names[p.name] = names.get(p.name, 0) + 1
+        if names[p.name] > 1:
+            p.name = f"{p.name}#{names[p.name]}"
+    return points
+
+
+def load_points(path: str | Path) -> list[ParetoPoint]:
+    """Points of a ``pareto.json`` or of a baseline file (``{"points": [...]}``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pareto.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (write one with archquant-pareto)")
+    d = json.loads(path.read_text())
+    return [ParetoPoint.from_dict(p) for p in d["points"]]
+
+
+def metric_of(point: ParetoPoint, metric: str) -> float | None:
+    """The quality value to minimise: perplexity, or negated accuracy."""
+    if metric == "ppl":
+        return point.ppl
+    if metric == "accuracy":
+        return None if point.accuracy is None else -point.accuracy
+    raise ValueError(f"metric must be ppl or accuracy, got {metric!r}")
+
+
+def resolve_metric(points: list[ParetoPoint], metric: str = "auto") -> str:
+    """``auto`` -> ``accuracy`` when every point has one, else ``ppl``."""
+    if metric != "auto":
+        return metric
+    return "accuracy" if points and all(p.accuracy is not None for p in points) else "ppl"
+
+
+def non_dominated(points: list[ParetoPoint], metric: str = "ppl") -> list[ParetoPoint]:
+    """The points no other point beats on both latency and quality (ties in both kept once each).
+
+    A point is dominated when another is no slower and no worse, and strictly better in one of the two.
+    Points without a latency or a metric value are left out. Sorted by latency.
+    """
+    valid = [p for p in points if p.latency_ms is not None and metric_of(p, metric) is not None]
+    valid = [p for p in valid if math.isfinite(p.latency_ms) and math.isfinite(metric_of(p, metric))]
+    front = []
+    for p in valid:
+        lp, mp = p.latency_ms, metric_of(p, metric)
+        dominated = any(
+            q is not p
+            and q.latency_ms <= lp
+            and metric_of(q, metric) <= mp
+            and (q.latency_ms < lp or metric_of(q, metric) < mp)
+            for q in valid
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: (p.latency_ms, metric_of(p, metric)))
+
+
+def save_front(
+    path: str | Path,
+    points: list[ParetoPoint],
+    front: list[ParetoPoint],
+    *,
+    metric: str,
+    latency: dict[str, Any],
+    header: dict[str, Any],
+) -> None:
+    """Write ``pareto.json``: every point, the names on the front, the latency setting and the metric."""
+    atomic_write_json(
+        path,
+        {
+            "version": PARETO_VERSION,
+            "header": header,
+            "latency": latency,
+            "metric": metric,
+            "points": [p.to_dict() for p in points],
+            "front": [p.name for p in front],
+        },
+    )
+
+
+def plot_front(
+    path: str | Path, points: list[ParetoPoint], front: list[ParetoPoint], *, metric: str, latency: dict, device: str
+) -> None:
+    """``pareto.png``: every point, the front as a step line, axes with units, device and scenario in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def y(p):
+        return p.ppl if metric == "ppl" else p.accuracy
+
+    measured = all(p.measured_ms is not None for p in points if p.latency_ms is not None)
+    scen = latency.get("scenario", "?")
+    what = (
+        f"batch {latency.get('batch')}, context {latency.get('context')}"
+        if scen == "decode"
+        else f"batch {latency.get('batch')} x {latency.get('prefill_len')} tokens"
+    )
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [p for p in points if p.latency_ms is not None and y(p) is not None]
+    ax.scatter([p.latency_ms for p in pts], [y(p) for p in pts], c="0.6", label="all points", zorder=2)
+    if front:
+        ax.step([p.latency_ms for p in front], [y(p) for p in front], where="post", c="C0", zorder=3)
+        ax.scatter([p.latency_ms for p in front], [y(p) for p in front], c="C0", label="Pareto front", zorder=4)
+    for p in pts:
+        ax.annotate(p.name, (p.latency_ms, y(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    unit = "ms per token" if scen == "decode" else "ms per prefill"
+    ax.set_xlabel(f"{'measured' if measured else 'PREDICTED'} latency ({unit}; {latency.get('backend')} {scen}, {what})")
+    ax.set_ylabel("held-out perplexity (lower is better)" if metric == "ppl" else "mean zero-shot accuracy")
+    ax.set_title(f"archquant Pareto front on {device}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""The elastic linear: one max-size shared Parameter, an active slice, and mixed weight bits.
+
+Width choices never copy the weight: a subnet's linear is a slice (rows = output units, columns =
+input units) of the same ``nn.Parameter``. Width *masks* of open gates are applied to activations by
+the owning module; the linear itself only holds the slice that fixed gates left active and mixes
+the quantised copies ``W_eff = sum_k pi_k Q_k(W_active)`` of its open bits gate in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archquant.backends.base import Backend
+from archquant.supernet.quant import QuantCache, mix_weights
+
+Sel = int | torch.Tensor | None  # None: all; int: a prefix; LongTensor: a gathered index list
+
+
+def _take(t: torch.Tensor, sel: Sel, dim: int) -> torch.Tensor:
+    if sel is None:
+        return t
+    if isinstance(sel, int):
+        return t.narrow(dim, 0, sel)
+    return t.index_select(dim, sel.to(t.device))
+
+
+def as_sel(index: torch.Tensor, full: int) -> Sel:
+    """Simplest selector for an index list: ``None`` (everything), a prefix length, or the list."""
+    n = index.numel()
+    if n and torch.equal(index.cpu(), torch.arange(n)):
+        return None if n == full else n
+    return index
+
+
+class ElasticLinear(nn.Module):
+    """``y = x W_eff^T (+ b)`` over the active slice of a shared weight.
+
+    Args:
+        weight: the shared max-size Parameter. Shape: ``[N, K]``.
+        bias: optional shared bias Parameter ``[N]``.
+        bits: weight-bit choices of this linear's gate (descending).
+        group_size: quantisation group size along the input dimension.
+        backend: the engine whose quantiser is simulated.
+        classes: activation class of each bits choice (see ``quant.act_classes``).
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        bits: list[int],
+        group_size: int,
+        backend: Backend,
+        classes: list[int],
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.bits = list(bits)
+        self.group_size = group_size
+        self.backend = backend
+        self.classes = list(classes)
+        self.fixed_bits: int | None = None
+        self.out_sel: Sel = None
+        self.in_sel: Sel = None
+        self._slice_version = 0
+        self._cache = QuantCache()
+
+    # ---- slicing -----------------------------------------------------------------------------
+    def set_slice(self, out_sel: Sel = ..., in_sel: Sel = ...) -> None:
+        """Restrict to a sub-matrix (``...`` leaves that side unchanged); cached quantisations are dropped."""
+        if out_sel is not ...:
+            self.out_sel = out_sel
+        if in_sel is not ...:
+            self.in_sel = in_sel
+        self._slice_version += 1
+        self._cache.clear()
+
+    def fix_bits(self, index: int) -> None:
+        self.fixed_bits = int(index)
+        self._cache.clear()
+
+    def active_weight(self) -> torch.Tensor:
+        """The active slice of the shared weight (a view for prefixes). Shape: ``[N_act, K_act]``."""
+        return _take(_take(self.weight, self.out_sel, 0), self.in_sel, 1)
+
+    def active_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else _take(self.bias, self.out_sel, 0)
+
+    @property
+    def out_features(self) -> int:
+        return self.active_weight().shape[0]
+
+    # ---- quantised weights -------------------------------------------------------------------
+    def qweight(self, index: int) -> torch.Tensor:
+        """``Q_{bits[index]}(W_active)``; 16 bits is the active slice itself (no copy for prefixes)."""
+        b = self.bits[index]
+        gathered = isinstance(self.out_sel, torch.Tensor) or isinstance(self.in_sel, torch.Tensor)
+        if b >= 16 and not gathered:
+            return self.active_weight()
+        return self._cache.one(self.weight, self.active_weight, b, self.backend, self.group_size, self._slice_version)
+
+    def chosen(self, pi: torch.Tensor | int | None) -> int | None:
+        """The single bits choice this call computes (fixed gate or one-hot ``int``), or ``None`` to mix."""
+        if self.fixed_bits is not None:
+            return self.fixed_bits
+        return pi if isinstance(pi, int) else None
+
+    def needed_classes(self, pi: torch.Tensor | int | None) -> set[int]:
+        k = self.chosen(pi)
+        return {self.classes[k]} if k is not None else set(self.classes)
+
+    def forward(
+        self, xs: dict[int, torch.Tensor], pi: torch.Tensor | int | None, out_sub: Sel = None, in_sub: Sel = None
+    ) -> torch.Tensor:
+        """Mixed-precision linear.
+
+        Args:
+            xs: ``activation class -> input`` (from ``quant.mixed_act``). Shape: ``[..., K_run]``.
+            pi: probabilities over ``bits``, or the index of a one-hot choice (ignored when fixed).
+            out_sub, in_sub: a further slice of the active weight for this call only (a width gate
+                that is one-hot in this call); the quantised active weight is sliced, which equals
+                quantising the slice because kept inputs are whole quantisation groups.
+
+        Returns:
+            Shape: ``[..., N_run]``.
+        """
+        k = self.chosen(pi)
+        bias = self.active_bias()
+        if bias is not None:
+            bias = _take(bias, out_sub, 0)
+        if k is not None:
+            if isinstance(in_sub, torch.Tensor) and self.bits[k] < 16:
+                # Gathered input columns need not be whole quantisation groups of the active weight:
+                # quantise the gathered slice itself, as the materialised layer does.
+                def fn():
+                    return _take(_take(self.active_weight(), out_sub, 0), in_sub, 1)
+
+                w = self._cache.one(self.weight, fn, self.bits[k], self.backend, self.group_size, self._slice_version,
+                                    tag=(id(in_sub), id(out_sub) if isinstance(out_sub, torch.Tensor) else out_sub))
+            else:
+                w = _take(_take(self.qweight(k), out_sub, 0), in_sub, 1)
+            return F.linear(xs[self.classes[k]], w, bias)
+        stack = self._cache.all(
+            self.weight, self.active_weight, self.bits, self.backend, self.group_size, self._slice_version
+        )
+        stack = _take(_take(stack, out_sub, 1), in_sub, 2)
+        members: dict[int, list[int]] = {}
+        for i, c in enumerate(self.classes):
+            members.setdefault(c, []).append(i)
+        if len(members) == 1:
+            return F.linear(xs[self.classes[0]], mix_weights(stack, pi), bias)
+        y = None
+        for c, idx in members.items():
+            sel = torch.tensor(idx, device=stack.device)
+            term = F.linear(xs[c], mix_weights(stack.index_select(0, sel), pi.index_select(0, sel)))
+            y = term if y is None else y + term
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        n, k = self.weight.shape
+        return f"full={n}x{k}, bits={self.bits}, fixed_bits={self.fixed_bits}, group_size={self.group_size}"

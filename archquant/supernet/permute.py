@@ -1,0 +1,115 @@
+"""Function-preserving permutations that sort every searchable dimension by importance.
+
+After the permutation, "keep the first k" keeps the k most important units of a dimension: hidden
+channels, KV groups (with their query heads), query heads inside a group, RoPE pairs and value dims
+(only when head size is searchable) and MLP neurons. Only dimensions with more than one choice are
+permuted, so unsearched dimensions keep the original layout. RoPE pairs move with their frequency
+(``rope_perm``), which is what keeps the permuted model's logits equal to the original's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from archquant.supernet.importance import Importance
+from archquant.supernet.space import Space
+
+
+@dataclass
+class Permutation:
+    """``new index -> old index`` per dimension (``None`` = identity). Per-layer lists have length L."""
+
+    hidden: torch.Tensor | None
+    kv: list[torch.Tensor | None]
+    heads: list[torch.Tensor | None]
+    pairs: list[torch.Tensor | None]
+    vdims: list[torch.Tensor | None]
+    mlp: list[torch.Tensor | None]
+
+    def rope_perm(self, l: int, head_dim: int) -> torch.Tensor | None:
+        """Permuted q/k dim -> original dim of layer ``l`` (``[P, P + hd/2]``), or ``None``."""
+        p = self.pairs[l]
+        return None if p is None else torch.cat([p, p + head_dim // 2])
+
+
+def _desc(scores: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(scores.float(), descending=True, stable=True)
+
+
+def make_permutation(imp: Importance, space: Space) -> Permutation:
+    """Sort each searchable dimension by its importance score, most important first."""
+    fp = space.fingerprint
+    n_layers, n_kv = fp["num_hidden_layers"], fp["num_key_value_heads"]
+    qpg = fp["num_attention_heads"] // n_kv
+    kv, heads, pairs, vdims, mlp = [], [], [], [], []
+    for l in range(n_layers):
+        h = imp.heads[l].reshape(n_kv, qpg)
+        g = _desc(h.sum(1)) if len(space.kv_groups) > 1 else torch.arange(n_kv)
+        within = [_desc(h[gi]) if len(space.q_per_group) > 1 else torch.arange(qpg) for gi in g.tolist()]
+        order = torch.cat([gi * qpg + w for gi, w in zip(g.tolist(), within)])
+        identity = torch.equal(order, torch.arange(n_kv * qpg))
+        kv.append(None if identity else g)
+        heads.append(None if identity else order)
+        search_hd = len(space.head_dim) > 1
+        pairs.append(_desc(imp.pairs[l]) if search_hd else None)
+        vdims.append(_desc(imp.vdims[l]) if search_hd else None)
+        mlp.append(_desc(imp.neurons[l]) if len(space.mlp) > 1 else None)
+    hidden = _desc(imp.hidden) if len(space.hidden) > 1 else None
+    return Permutation(hidden=hidden, kv=kv, heads=heads, pairs=pairs, vdims=vdims, mlp=mlp)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(0, idx)
+
+
+def _cols(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(1, idx)
+
+
+def _unit_index(units: torch.Tensor | None, n_units: int, inner: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Flat index of ``units`` blocks of ``size`` rows, each permuted by ``inner``."""
+    if units is None and inner is None:
+        return None
+    u = torch.arange(n_units) if units is None else units
+    i = torch.arange(size) if inner is None else inner
+    return (u[:, None] * size + i[None, :]).reshape(-1)
+
+
+def permute_state(state: dict[str, torch.Tensor], perm: Permutation, config) -> dict[str, torch.Tensor]:
+    """Apply ``perm`` to a Llama-layout state dict (HF names); returns new tensors, input untouched."""
+    d_perm = perm.hidden
+    n_q = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
+    hd = getattr(config, "head_dim", None) or config.hidden_size // n_q
+    out = dict(state)
+
+    def put(name, fn):
+        if name in out:
+            out[name] = fn(out[name])
+
+    put("model.embed_tokens.weight", lambda t: _cols(t, d_perm))
+    put("lm_head.weight", lambda t: _cols(t, d_perm))
+    put("model.norm.weight", lambda t: _rows(t, d_perm))
+    for l in range(config.num_hidden_layers):
+        p = f"model.layers.{l}."
+        rope = perm.rope_perm(l, hd)
+        q_idx = _unit_index(perm.heads[l], n_q, rope, hd)
+        k_idx = _unit_index(perm.kv[l], n_kv, rope, hd)
+        v_idx = _unit_index(perm.kv[l], n_kv, perm.vdims[l], hd)
+        o_idx = _unit_index(perm.heads[l], n_q, perm.vdims[l], hd)
+        m_idx = perm.mlp[l]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            put(p + f"{norm}.weight", lambda t: _rows(t, d_perm))
+        for lin, idx in (("q", q_idx), ("k", k_idx), ("v", v_idx)):
+            put(p + f"self_attn.{lin}_proj.weight", lambda t, idx=idx: _cols(_rows(t, idx), d_perm))
+            put(p + f"self_attn.{lin}_proj.bias", lambda t, idx=idx: _rows(t, idx))
+        put(p + "self_attn.o_proj.weight", lambda t: _cols(_rows(t, d_perm), o_idx))
+        put(p + "self_attn.o_proj.bias", lambda t: _rows(t, d_perm))
+        for lin in ("gate", "up"):
+            put(p + f"mlp.{lin}_proj.weight", lambda t: _cols(_rows(t, m_idx), d_perm))
+            put(p + f"mlp.{lin}_proj.bias", lambda t: _rows(t, m_idx))
+        put(p + "mlp.down_proj.weight", lambda t: _cols(_rows(t, d_perm), m_idx))
+        put(p + "mlp.down_proj.bias", lambda t: _rows(t, d_perm))
+    return out

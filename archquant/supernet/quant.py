@@ -1,0 +1,168 @@
+"""Mixed quantisation: ``W_eff = sum_k pi_k Q_k(W)`` and ``x_eff = sum_a pi_a Q_a(x)`` in one pass each.
+
+The backend's quantisers are the only ones used (``backend.fake_quant_weight`` / ``fake_quant_act``),
+so the supernet simulates what the serving engine computes. Quantised copies of frozen weights are
+cached (quantising every linear at every step would dominate the step time) and recomputed only when
+the weight changes (its autograd version counter moves) or its active slice changes.
+
+Some engines quantise activations differently depending on the weight's bits (llama.cpp feeds Q8
+activations only to quantised matmuls). ``act_classes`` probes the backend once and groups weight-bit
+choices that see identical activations; a linear then needs one matmul per group, usually one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from archquant.backends.base import Backend, BackendError
+
+
+def act_classes(backend: Backend, abits: list[int], wbits: list[int]) -> list[int]:
+    """Group weight-bit choices whose activation quantiser is the same for every ``abits`` choice.
+
+    Returns:
+        ``cls[i]``: the class id of ``wbits[i]`` (0, 1, ... in order of first appearance).
+    """
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, 256, generator=gen) * torch.linspace(0.1, 4.0, 256)
+    signatures: list[list[torch.Tensor]] = []
+    out = []
+    for b in wbits:
+        sig = [backend.fake_quant_act(probe, a, b) for a in abits]
+        for cid, other in enumerate(signatures):
+            if all(torch.equal(s, o) for s, o in zip(sig, other)):
+                out.append(cid)
+                break
+        else:
+            signatures.append(sig)
+            out.append(len(signatures) - 1)
+    return out
+
+
+def check_backend_bits(backend: Backend, wbits: list[int], abits: list[int], group_size: int) -> None:
+    """Fail at build time, with the backend's message, on bits the engine cannot run."""
+    w = torch.randn(2, group_size)
+    for b in wbits:
+        try:
+            backend.fake_quant_weight(w, b, group_size)
+        except BackendError as err:
+            raise BackendError(f"{err}; remove {b} from space.wbits / space.lm_head_bits") from err
+    for a in abits:
+        try:
+            backend.fake_quant_act(w, a, 16)
+        except BackendError as err:
+            raise BackendError(f"{err}; remove {a} from space.abits") from err
+
+
+def onehot_index(p: torch.Tensor | None) -> int | None:
+    """The index of an exact one-hot vector that needs no gradient, else ``None``.
+
+    Such vectors come from fixed gates and from ``probs=None`` evaluation; a linear then computes
+    only the chosen branch instead of the weighted mixture.
+    """
+    if p is None or p.requires_grad:
+        return None
+    nz = torch.nonzero(p)
+    if nz.numel() == 1 and float(p[nz[0, 0]]) == 1.0:
+        return int(nz[0, 0])
+    return None
+
+
+def mixed_act(
+    x: torch.Tensor,
+    backend: Backend,
+    abits: list[int],
+    pi_a: torch.Tensor | int | None,
+    fixed_a: int | None,
+    class_bits: list[int],
+    needed: list[int],
+) -> dict[int, torch.Tensor]:
+    """Activation inputs of a linear, one per needed weight-bits class.
+
+    Args:
+        x: input activations. Shape: ``[..., K]``.
+        abits: the layer's activation-bit choices.
+        pi_a: probabilities over ``abits``, or the index of a one-hot choice.
+        fixed_a: index of a fixed activation choice (overrides ``pi_a``), or ``None``.
+        class_bits: a representative weight-bits value per class.
+        needed: the classes the linears will read.
+
+    Returns:
+        ``class id -> x_eff`` with ``x_eff = sum_a pi_a * fake_quant_act(x, a, class bits)``.
+    """
+    if fixed_a is None and isinstance(pi_a, int):
+        fixed_a = pi_a
+    out = {}
+    for c in needed:
+        wb = class_bits[c]
+        if fixed_a is not None:
+            out[c] = backend.fake_quant_act(x, abits[fixed_a], wb)
+            continue
+        acc = None
+        for i, a in enumerate(abits):
+            term = backend.fake_quant_act(x, a, wb) * pi_a[i]
+            acc = term if acc is None else acc + term
+        out[c] = acc
+    return out
+
+
+class QuantCache:
+    """Quantised copies ``Q_k(W_active)`` of one linear's weight, stacked ``[K, N, K_in]``.
+
+    The cache is valid while the weight's data pointer, version counter and the active slice are
+    unchanged. When the weight trains (``requires_grad`` under grad mode) the stack is rebuilt with
+    the straight-through estimator every call, so gradients reach the shared Parameter.
+    """
+
+    def __init__(self) -> None:
+        self.key = None
+        self.stack: torch.Tensor | None = None
+        self.single: dict = {}
+
+    def clear(self) -> None:
+        self.key, self.stack, self.single = None, None, {}
+
+    def _valid(self, weight: torch.Tensor, slice_version: int) -> bool:
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, slice_version)
+        if key != self.key:
+            self.clear()
+            self.key = key
+            return False
+        return True
+
+    @staticmethod
+    def _trains(weight: torch.Tensor) -> bool:
+        return weight.requires_grad and torch.is_grad_enabled()
+
+    def one(self, weight, w_active_fn, bits: int, backend: Backend, group_size: int, slice_version: int, tag=None):
+        """``Q_bits(w_active_fn())`` (cached under ``(bits, tag)`` unless the weight trains)."""
+        if self._trains(weight):
+            return backend.fake_quant_weight(w_active_fn(), bits, group_size)
+        self._valid(weight, slice_version)
+        hit = self.single.get((bits, tag))
+        if hit is None:
+            with torch.no_grad():
+                hit = backend.fake_quant_weight(w_active_fn(), bits, group_size).contiguous()
+            self.single[(bits, tag)] = hit
+        return hit
+
+    def all(self, weight, w_active_fn, bits: list[int], backend: Backend, group_size: int, slice_version: int):
+        """``stack_k Q_{bits[k]}(W_active)``. Shape: ``[K, N, K_in]``."""
+        if self._trains(weight):
+            w = w_active_fn()
+            return torch.stack([backend.fake_quant_weight(w, b, group_size) for b in bits])
+        if not self._valid(weight, slice_version) or self.stack is None:
+            with torch.no_grad():
+                w = w_active_fn()
+                self.stack = torch.stack([backend.fake_quant_weight(w, b, group_size) for b in bits]).contiguous()
+        return self.stack
+
+
+def mix_weights(stack: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """``sum_k pi_k stack[k]`` as one matrix-vector product (one pass over the stack).
+
+    The backward is one more pass: ``d pi_k = <dW_eff, stack[k]>``. Shape: ``stack [K, N, K_in]``,
+    ``pi [K]`` -> ``[N, K_in]``.
+    """
+    k, n, m = stack.shape
+    return torch.mv(stack.reshape(k, n * m).t(), pi.to(stack.dtype)).reshape(n, m)

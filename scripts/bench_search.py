@@ -1,0 +1,143 @@
+"""Benchmark the search on SmolLM2-135M: wall time, step time before vs after entropy collapse, and per
+budget the achieved predicted and measured latency against the target. Writes ``results/bench_search.json``.
+
+    python scripts/bench_search.py            # full: 3 budgets x 150 steps (search/default), ~1 h on 2 cores
+    python scripts/bench_search.py --quick    # smoke check: 1 budget x 20 short steps, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _compose(overrides: list[str], out_dir: Path):
+    from hydra import compose, initialize_config_dir
+
+    from archquant.cli import CONFIG_DIR
+    from archquant.config import register_configs, to_object
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+        cfg.out_dir = str(out_dir)
+        return to_object(cfg)
+
+
+def step_times(history: list[dict]) -> dict:
+    """Mean step time while every gate is open vs once at least half of them are fixed (or the last tenth)."""
+    if not history:
+        return {}
+    n0 = history[0]["open_gates"]
+    before = [h["step_s"] for h in history[1:] if h["open_gates"] == n0] or [history[0]["step_s"]]
+    collapsed = [h["step_s"] for h in history if h["open_gates"] <= n0 / 2]
+    tail = history[-max(1, len(history) // 10) :]
+    return {
+        "open_gates_start": n0,
+        "open_gates_end": history[-1]["open_gates"],
+        "before_s": statistics.mean(before),
+        "after_collapse_s": statistics.mean(collapsed) if collapsed else None,
+        "last_tenth_s": statistics.mean(h["step_s"] for h in tail),
+        "speedup": (statistics.mean(before) / statistics.mean(collapsed)) if collapsed else None,
+        "note": None if collapsed else "fewer than half of the gates were fixed: no collapsed phase to time",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke check: one budget, 20 short steps")
+    ap.add_argument("--fractions", type=float, nargs="*", default=None, help="budgets as fractions of the full model's predicted latency")
+    ap.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides (e.g. latency=torch_cpu)")
+    ap.add_argument("--out", default=str(REPO / "results" / "bench_search.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    import torch
+
+    from archquant.search.app import search_job
+    from archquant.search.context import SearchContext
+    from archquant.search.measure import measure_latency
+    from archquant.supernet import materialize
+    from archquant.supernet.arch import Arch
+    from archquant.utils.env import run_header
+    from archquant.utils.io import atomic_write_json
+
+    if args.quick:
+        fractions = args.fractions or [0.7]
+        overrides = ["search=quick", "search.steps=20", "data.seq_len=64", "data.num_calib_blocks=8",
+                     "data.num_val_blocks=2", "search.checkpoint_every=20"]
+    else:
+        fractions = args.fractions or [0.5, 0.65, 0.8]
+        overrides = ["search=default"]
+    overrides = ["model=smollm2-135m", "logger=none", "trainer.num_threads=2", *overrides, *args.overrides]
+    work = Path(tempfile.mkdtemp(prefix="bench_search-"))
+    cfg = _compose(overrides, work)
+    t0 = time.perf_counter()
+    ctx = SearchContext.load(cfg)
+    rng = ctx.feasible()
+    ctx.targets()
+    load_s = time.perf_counter() - t0
+    measure_ctx = {"tokenizer": ctx.tokenizer, "source_gguf": ctx.gguf_source()}
+    full_measured = measure_latency(ctx.model, cfg.latency, **measure_ctx).ms
+    runs = []
+    for frac in fractions:
+        target = round(frac * rng.max_ms, 4)
+        bcfg = _compose(overrides + [f"budget.latency_ms={target}"], work)
+        t1 = time.perf_counter()
+        res = search_job(bcfg, ctx=ctx, out_dir=work / f"budget_{frac:g}")
+        wall = time.perf_counter() - t1
+        model = materialize(ctx.build_supernet(), Arch.from_dict(res.arch.to_dict()))
+        measured = measure_latency(model, cfg.latency, **measure_ctx)
+        runs.append(
+            {
+                "fraction": frac,
+                "target_ms": target,
+                "predicted_ms": res.predicted_ms,
+                "argmax_predicted_ms": res.argmax_predicted_ms,
+                "measured_ms": measured.ms,
+                "measured_by": measured.method,
+                "predicted_vs_target": res.predicted_ms / target - 1,
+                "measured_vs_target": measured.ms / target - 1,
+                "measured_vs_predicted": measured.ms / res.predicted_ms - 1,
+                "meets_target_predicted": res.meets_budget,
+                "meets_target_measured": measured.ms <= target,
+                "predicted_mb": res.predicted_mb,
+                "val_kd": res.val_kd,
+                "arch": res.arch.summary(),
+                "steps": res.steps,
+                "stop_reason": res.stop_reason,
+                "repair_moves": len(res.repair_moves),
+                "search_wall_s": wall,
+                "step_time": step_times(res.history),
+            }
+        )
+        print(f"budget {target:.3f} ms: predicted {res.predicted_ms:.3f}, measured {measured.ms:.3f} ms, "
+              f"{res.steps} steps in {wall:.1f} s ({res.stop_reason})", flush=True)
+    record = {
+        "header": run_header(cfg.latency.device, quick=args.quick),
+        "model": cfg.model.name,
+        "latency": {"backend": cfg.latency.backend, "scenario": cfg.latency.scenario, "batch": cfg.latency.batch,
+                    "context": cfg.latency.context, "model": ctx.latency_model.describe()},
+        "search": {"steps": cfg.search.steps, "batch_size": cfg.search.batch_size, "seq_len": cfg.data.seq_len,
+                   "calib_blocks": cfg.data.num_calib_blocks, "threads": torch.get_num_threads()},
+        "feasible_ms": [rng.min_ms, rng.max_ms],
+        "full_model": {"predicted_ms": rng.max_ms, "measured_ms": full_measured},
+        "load_and_teacher_s": load_s,
+        "total_wall_s": time.perf_counter() - t0,
+        "budgets": runs,
+    }
+    out = Path(args.out)
+    atomic_write_json(out, record)
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,139 @@
+"""``archquant-eval``: Hydra configs compose, eval.json is written, bad input fails with a message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from archquant.cli import CONFIG_DIR
+from archquant.config import Config, register_configs, to_object
+from archquant.data import DataConfig
+from archquant.evaluation import EvalConfig, evaluate, load_for_eval
+from archquant.evaluation.app import evaluate_cli
+from archquant.models.config import ModelConfig
+
+REQUIRED = {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "stderr", "metric"}
+
+
+def compose(*overrides: str) -> Config:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
+GROUP_FILES = [(g, p.stem) for g in ("eval", "data") for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group, name", GROUP_FILES)
+def test_every_eval_and_data_yaml_composes(group, name, tmp_path):
+    cfg = compose(f"{group}={name}", f"out_dir={tmp_path}")
+    assert isinstance(cfg.eval, EvalConfig) and isinstance(cfg.data, DataConfig)
+    assert set(cfg.data.task_files) == set(DataConfig().task_files)
+
+
+def test_cli_writes_eval_json(tmp_path, capsys):
+    cfg = compose("model=tiny-llama", "eval=smoke", "eval.tasks=[piqa,winogrande,mmlu]", f"out_dir={tmp_path}")
+    evaluate_cli(cfg)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["version"] == 1 and result["model"] == "tiny-llama"
+    assert set(result["tasks"]) == {"piqa", "winogrande", "mmlu"}
+    for task, r in result["tasks"].items():
+        assert REQUIRED <= set(r) and r["n"] == 4 and 0.0 <= r["acc"] <= 1.0
+    assert result["tasks"]["winogrande"]["acc_norm"] is None  # lm-eval reports acc only there
+    ppl = result["perplexity"]
+    assert ppl["windows"] == 2 and ppl["seq_len"] == 128 and ppl["ppl"] > 1.0
+    assert {"device", "versions", "date", "argv"} <= set(result["header"])
+    assert "piqa" in capsys.readouterr().out
+
+
+def test_evaluate_python_api_on_a_model_in_memory(tmp_path):
+    model, tok = load_for_eval("tiny-llama")
+    res = evaluate(model, tok, EvalConfig(tasks=["arc_easy"], limit=3, perplexity=False, progress=False), out_path=tmp_path / "e.json")
+    assert res["perplexity"] is None and res["tasks"]["arc_easy"]["n"] == 3
+    assert json.loads((tmp_path / "e.json").read_text())["tasks"]["arc_easy"]["acc"] == res["tasks"]["arc_easy"]["acc"]
+
+
+# ---------------------------------------------------------------- bad input: a message, not a traceback
+
+
+def _cli_exit(cfg: Config) -> str:
+    with pytest.raises(SystemExit) as err:
+        evaluate_cli(cfg)
+    assert isinstance(err.value.code, str)  # sys.exit(message): printed to stderr, exit status 1
+    return err.value.code
+
+
+def test_unknown_model_name(tmp_path):
+    cfg = Config(model=ModelConfig(name="no-such-model"), eval=EvalConfig(tasks=["piqa"], limit=2), out_dir=str(tmp_path))
+    assert "model.name" in _cli_exit(cfg)
+
+
+def test_wrong_data_root_fails_before_loading_the_model(tmp_path):
+    # an unknown model too: the data error must come first (it is found without loading anything)
+    cfg = Config(model=ModelConfig(name="no-such-model"), data=DataConfig(root=str(tmp_path / "nowhere")), out_dir=str(tmp_path))
+    msg = _cli_exit(cfg)
+    assert "data.root" in msg and "data.ppl_file" in msg
+
+
+def test_benchmark_row_with_a_missing_field(tmp_path):
+    f = tmp_path / "piqa.jsonl"
+    f.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n" + json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    cfg = Config(
+        model=ModelConfig(name="tiny-llama"),
+        data=DataConfig(task_files={"piqa": str(f)}),
+        eval=EvalConfig(tasks=["piqa"], perplexity=False, progress=False),
+        out_dir=str(tmp_path),
+    )
+    msg = _cli_exit(cfg)
+    assert "row 1" in msg and "'label'" in msg and str(f) in msg
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"limit": 0}, "eval.limit must be > 0"),
+        ({"limit": -3}, "eval.limit must be > 0"),
+        ({"tasks": ["piqa", "squad"]}, "eval.tasks has unknown task(s) ['squad']"),
+        ({"engine": "vllm"}, "eval.engine must be one of"),
+        ({"ppl_seq_len": 1}, "eval.ppl_seq_len must be >= 2"),
+    ],
+)
+def test_eval_config_validation(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        EvalConfig(**kwargs)
+    assert needle in str(err.value)
+
+
+def test_zero_shot_rejects_unknown_task_and_bad_limit():
+    from archquant.evaluation import zero_shot
+
+    with pytest.raises(ValueError, match="unknown task"):
+        zero_shot(None, None, ["piqa", "triviaqa"])
+    with pytest.raises(ValueError, match="eval.limit must be > 0"):
+        zero_shot(None, None, ["piqa"], limit=0)
+
+
+def test_composed_unknown_task_names_the_key(tmp_path):
+    with pytest.raises(Exception, match=r"eval.tasks has unknown task\(s\) \['sqaud'\]"):
+        compose("eval.tasks=[piqa,sqaud]", f"out_dir={tmp_path}")
+
+
+def test_command_line_bad_input_prints_one_line(tmp_path):
+    # the real entry point (Hydra + validation): one line on stderr, non-zero status, no traceback
+    proc = subprocess.run(
+        [sys.executable, "-c", "from archquant.cli import eval_main; eval_main()", "eval.limit=0", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "eval.limit must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (Path(tmp_path) / "eval.json").exists()

@@ -1,0 +1,206 @@
+"""GGUF export: plan validation (errors before writing), llama/deci metadata, tensor bytes, RoPE row order."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from archquant.backends.llamacpp import quant
+from archquant.backends.llamacpp.gguf_export import (
+    GGUFExportError,
+    check_gguf,
+    export_gguf,
+    permute_qk,
+    plan_gguf,
+    tokenizer_kv_from_hf,
+    unpermute_rope_pairs,
+)
+from archquant.backends.llamacpp.gguf_meta import read_header
+from archquant.models.registry import load_model
+from archquant.supernet import Arch, build, materialize
+from archquant.supernet.space import SpaceConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The registry's tiny-llama (byte tokenizer, vocab 259) with 3 blocks."""
+    return load_model("tiny-llama", tiny_overrides={"num_hidden_layers": 3})
+
+
+@pytest.fixture(scope="module")
+def hetero(tiny):
+    """A materialised subnet with a skipped block, per-layer head counts and MLP widths, mixed bits."""
+    model, _ = tiny
+    sn = build(model, SpaceConfig(width_multiple=32, group_size=32), backend="llamacpp")
+    choice = {"hidden": 96, "lm_head.wbits": 8, "layers.1.keep": 0,
+              "layers.0.kv_groups": 1, "layers.0.mlp": 64, "layers.0.wbits.qkv": 4, "layers.0.wbits.down": 8,
+              "layers.2.kv_groups": 3, "layers.2.mlp": 192, "layers.2.wbits.gate_up": 4, "layers.2.wbits.o": 8}
+    return materialize(sn, Arch.from_choices(sn.space, choice))
+
+
+def test_uniform_model_is_llama_and_hetero_subnet_is_deci(tiny, hetero):
+    model, _ = tiny
+    plan = plan_gguf(model)
+    assert plan.arch == "llama" and plan.output_type is None  # tied 16-bit lm_head reuses token_embd
+    assert [lp.n_head for lp in plan.layers] == [8, 8, 8] and plan.head_dim == 16
+    hp = plan_gguf(hetero)
+    assert hp.arch == "deci" and hp.hidden == 96
+    assert [(lp.source, lp.n_head, lp.n_head_kv, lp.n_ff) for lp in hp.layers] == [(0, 2, 1, 64), (2, 6, 3, 192)]
+    assert hp.layers[0].types == {"q": "Q4_0", "k": "Q4_0", "v": "Q4_0", "o": "F16", "gate": "F16", "up": "F16", "down": "Q8_0"}
+    assert hp.output_type == "Q8_0" and hp.embd_type == "F16"
+    assert plan_gguf(hetero, types={16: "F32", 4: "Q4_1"}).layers[0].types["q"] == "Q4_1"
+
+
+def test_deci_file_round_trips_shapes_and_types(tiny, hetero, tmp_path):
+    _, tok = tiny
+    path = export_gguf(hetero, tmp_path / "sub.gguf", tokenizer=tok)
+    info = check_gguf(path)
+    assert info["arch"] == "deci" and info["block_count"] == 2
+    assert info["head_count"] == [2, 6] and info["head_count_kv"] == [1, 3] and info["feed_forward_length"] == [64, 192]
+    assert info["embedding_length"] == 96 and info["head_dim"] == 16 and info["vocab"] == 259
+    assert info["types"]["blk.1.ffn_up.weight"] == "Q4_0" and info["types"]["output.weight"] == "Q8_0"
+    assert info["types"]["blk.0.attn_norm.weight"] == "F32"
+    fields, tensors = read_header(path)
+    assert fields["archquant.layer_source"].value == [0, 2]
+    shapes = {t.name: t.shape for t in tensors}
+    assert shapes["blk.1.attn_q.weight"] == (96, 96) and shapes["blk.0.ffn_down.weight"] == (64, 96)
+    assert shapes["token_embd.weight"] == (96, 259)
+
+
+def test_tensor_bytes_are_the_backend_quantiser_of_the_raw_weights(tiny, hetero, tmp_path):
+    _, tok = tiny
+    path = export_gguf(hetero, tmp_path / "sub.gguf", tokenizer=tok)
+    data = {t.name: np.asarray(t.data) for t in GGUFReader(str(path)).tensors}
+    attn = hetero.model.layers[1].self_attn
+    down = hetero.model.layers[0].mlp.down_proj.weight
+    assert np.array_equal(data["blk.0.ffn_down.weight"], quant.pack(down, "Q8_0"))
+    assert np.array_equal(data["blk.1.attn_output.weight"], quant.pack(attn.o_proj.weight, "Q8_0"))
+    # q/k rows are permuted per head before quantising (rows are quantised independently)
+    assert np.array_equal(data["blk.1.attn_k.weight"], quant.pack(permute_qk(attn.k_proj.weight, 3), "F16"))
+    assert np.array_equal(data["blk.0.attn_q.weight"], quant.pack(permute_qk(hetero.model.layers[0].self_attn.q_proj.weight, 2), "Q4_0"))
+
+
+def _rope_hf(x: torch.Tensor, pos: int, theta: float = 10000.0) -> torch.Tensor:
+    """HF rotate-half RoPE on one head vector. Shape: ``[hd]``."""
+    hd = x.shape[0]
+    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.cat([pos * inv, pos * inv])
+    rot = torch.cat([-x[hd // 2:], x[: hd // 2]])
+    return x * torch.cos(ang) + rot * torch.sin(ang)
+
+
+def _rope_interleaved(x: torch.Tensor, pos: int, theta: float = 10000.0) -> torch.Tensor:
+    """llama.cpp's normal RoPE: pairs (2i, 2i+1) rotate with frequency i. Shape: ``[hd]``."""
+    hd = x.shape[0]
+    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    a, b = x[0::2], x[1::2]
+    c, s = torch.cos(pos * inv), torch.sin(pos * inv)
+    out = torch.empty_like(x)
+    out[0::2], out[1::2] = a * c - b * s, a * s + b * c
+    return out
+
+
+def test_qk_permutation_turns_hf_rope_into_llamacpp_rope():
+    g = torch.Generator().manual_seed(0)
+    n_head, hd, k = 3, 8, 5
+    w = torch.randn(n_head * hd, k, generator=g, dtype=torch.float64)
+    x = torch.randn(k, generator=g, dtype=torch.float64)
+    wp = permute_qk(w, n_head)
+    for pos in (0, 3, 17):
+        hf = (w @ x).reshape(n_head, hd)
+        lc = (wp @ x).reshape(n_head, hd)
+        for h in range(n_head):
+            a, b = _rope_hf(hf[h], pos), _rope_interleaved(lc[h], pos)
+            # same rotated vector, in llama.cpp's row order: q.k dot products agree
+            assert torch.allclose(permute_qk(a[:, None], 1)[:, 0], b, atol=1e-12)
+
+
+def test_reordered_rope_pairs_are_put_back_in_order():
+    g = torch.Generator().manual_seed(1)
+    n_head, hd = 2, 8
+    w = torch.randn(n_head * hd, 4, generator=g)
+    pairs = [2, 0, 3, 1]  # stored pair j holds original pair pairs[j]
+    stored = w.reshape(n_head, hd, 4)[:, pairs + [p + hd // 2 for p in pairs]].reshape(w.shape)
+    assert torch.equal(unpermute_rope_pairs(stored, n_head, pairs), w)
+
+
+def _expect_refused(model, tmp_path, match, **kw):
+    path = tmp_path / "bad.gguf"
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(model, path, **kw)
+    assert not path.exists() and not list(tmp_path.glob("bad.gguf.*"))  # nothing written, no temp left
+
+
+def test_shapes_gguf_cannot_hold_are_refused_before_writing(tiny, tmp_path):
+    model, tok = tiny
+    # query heads not divisible by the layer's KV heads (8 q / 3 kv): aborts llama.cpp, so refused
+    bad = copy.deepcopy(model)
+    attn = bad.model.layers[1].self_attn
+    for name in ("k_proj", "v_proj"):
+        lin = getattr(attn, name)
+        setattr(attn, name, torch.nn.Linear(128, 48, bias=False))
+        getattr(attn, name).weight.data = lin.weight.data[:48].clone()
+    _expect_refused(bad, tmp_path, r"layer 1 \(source block 1\): 8 query heads are not a multiple of its 3 KV heads.*layers\.1\.kv_groups", tokenizer=tok)
+    # a quantised row length that is not a multiple of 32 names the layer, the linear and the decision
+    bad = copy.deepcopy(model)
+    mlp = bad.model.layers[2].mlp
+    for name, rows, cols in (("gate_proj", 48, None), ("up_proj", 48, None), ("down_proj", None, 48)):
+        lin = getattr(mlp, name)
+        w = lin.weight.data[:rows] if rows else lin.weight.data[:, :cols]
+        setattr(mlp, name, torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+        getattr(mlp, name).weight.data = w.clone()
+    bad.config.quant = {"backend": "llamacpp", "lm_head_bits": 16,
+                        "layers": [{"wbits": {n: 16 for n in "q k v o gate up".split()} | {"down": 4}, "abits": 16}] * 3}
+    _expect_refused(bad, tmp_path, r"layer 2.*down row length 48 is not a multiple of Q4_0's block of 32 \(decision mlp", tokenizer=tok)
+    # per-layer head sizes
+    bad = copy.deepcopy(model)
+    bad.config.layer_head_dim = [16, 8, 16]
+    _expect_refused(bad, tmp_path, r"layer 1.*head_dim 8.*layers\.1\.head_dim", tokenizer=tok)
+    # bits without a GGUF type
+    bad = copy.deepcopy(model)
+    bad.config.quant = {"backend": "llamacpp", "lm_head_bits": 3, "layers": [{"wbits": {}, "abits": 16}] * 3}
+    _expect_refused(bad, tmp_path, "lm_head.wbits", tokenizer=tok)
+
+
+def test_tokenizer_is_required_and_must_match_the_vocabulary(tiny, tmp_path):
+    model, tok = tiny
+    _expect_refused(model, tmp_path, "source_gguf= .* or tokenizer=")
+    small = copy.deepcopy(model)
+    small.model.embed_tokens = torch.nn.Embedding(200, 128)
+    small.lm_head = torch.nn.Linear(128, 200, bias=False)
+    _expect_refused(small, tmp_path, "ids up to 258 but the model's vocabulary has 200", tokenizer=tok)
+
+
+def test_byte_tokenizer_converts_to_gguf_bpe(tiny):
+    _, tok = tiny
+    kv = {k: v for k, v, *_ in tokenizer_kv_from_hf(tok, 259)}
+    assert kv["tokenizer.ggml.model"] == "gpt2" and len(kv["tokenizer.ggml.tokens"]) == 259
+    assert kv["tokenizer.ggml.tokens"][tok.eos_token_id] == "</s>"
+    assert kv["tokenizer.ggml.token_type"][tok.eos_token_id] == 3  # control
+    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+
+
+def test_header_reader_agrees_with_gguf_reader(tiny, hetero, tmp_path):
+    _, tok = tiny
+    path = export_gguf(hetero, tmp_path / "sub.gguf", tokenizer=tok)
+    fields, tensors = read_header(path)
+    ref = GGUFReader(str(path))
+    for key, fld in ref.fields.items():
+        if not key.startswith("GGUF."):
+            assert fields[key].value == fld.contents(), key
+    assert [(t.name, t.shape, t.type) for t in tensors] == [
+        (t.name, tuple(int(s) for s in t.shape), t.tensor_type.name) for t in ref.tensors
+    ]
+
+
+def test_missing_llama_cpp_names_the_install_command(monkeypatch):
+    from archquant.backends.llamacpp import runtime
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(runtime.LlamaCppMissingError, match=r"pip install llama-cpp-python==0\.3\.36"):
+        runtime.require_llama_cpp()

@@ -1,0 +1,191 @@
+"""The search commands end to end on the tiny Llama: CLI errors, kill -9 + resume, 2-process DDP, Pareto + pick."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from archquant.cli import CONFIG_DIR
+from archquant.config import register_configs, to_object
+
+TINY = [
+    "model=tiny-llama",
+    "space=tiny",
+    "latency=torch_cpu",
+    "search=quick",
+    "search.steps=40",
+    "search.checkpoint_every=10",
+    "data.seq_len=32",
+    "data.num_calib_blocks=8",
+    "data.num_val_blocks=2",
+    "trainer.num_threads=1",
+    "logger=none",
+    "eval.ppl_seq_len=64",
+    "eval.ppl_max_windows=2",
+]
+
+
+def _cfg(overrides, out_dir):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+        cfg.out_dir = str(out_dir)
+        return to_object(cfg)
+
+
+def _cli(verb: str) -> str:
+    exe = shutil.which(f"archquant-{verb}")
+    if exe is None:
+        pytest.skip(f"archquant-{verb} is not on PATH (pip install -e .)")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def feasible():
+    """The tiny model's feasible latency range under the torch roofline (so budgets fit any machine)."""
+    from archquant.search.context import SearchContext
+
+    torch.set_num_threads(1)
+    return SearchContext.load(_cfg(TINY, ".")).feasible()
+
+
+def _budget(feasible, frac):
+    return round(feasible.min_ms + frac * (feasible.max_ms - feasible.min_ms), 5)
+
+
+def test_infeasible_budget_is_refused_before_training_with_the_range(tmp_path, feasible):
+    from archquant.search.app import search
+
+    cfg = _cfg(TINY + [f"budget.latency_ms={feasible.min_ms / 2}"], tmp_path)
+    with pytest.raises(SystemExit, match=r"below the smallest subnet.*feasible range is"):
+        search(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # nothing was trained
+    cfg = _cfg(TINY + [f"budget.latency_ms={feasible.max_ms * 3}"], tmp_path)
+    with pytest.raises(SystemExit, match="above the full model"):
+        search(cfg)
+
+
+def test_killed_search_resumes_to_the_same_architecture(tmp_path, feasible):
+    from archquant.search.app import search, search_job
+
+    ov = TINY + ["search.steps=80", f"budget.latency_ms={_budget(feasible, 0.5)}"]
+    ref = search_job(_cfg(ov, tmp_path / "ref"), progress=False)
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, _cli("search"), *ov, f"hydra.run.dir={run}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((run / "checkpoints").glob("step-*.ckpt")):
+            assert proc.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "arch.json").exists()  # killed mid-search
+    done = sorted(int(p.name[5:13]) for p in (run / "checkpoints").glob("step-*.ckpt"))
+    assert done and done[-1] < 80
+
+    resumed = search_job(_cfg(ov + [f"resume={run}"], tmp_path / "hydra2"), progress=False)
+    assert resumed.arch == ref.arch
+    rec_ref = json.loads((tmp_path / "ref" / "search.json").read_text())
+    rec_run = json.loads((run / "search.json").read_text())
+    assert [h["kd"] for h in rec_run["history"]] == [h["kd"] for h in rec_ref["history"]]
+
+    # a resume under another config is refused, naming the key
+    with pytest.raises(SystemExit, match=r"budget\.latency_ms \(checkpoint"):
+        search(_cfg(TINY + ["search.steps=80", f"budget.latency_ms={_budget(feasible, 0.6)}", f"resume={run}"], tmp_path))
+
+
+def test_two_process_gloo_search_follows_the_single_process_one(tmp_path, feasible):
+    ov = TINY + ["search.steps=20", "search.batch_size=2", f"budget.latency_ms={_budget(feasible, 0.5)}"]
+    from archquant.search.app import search_job
+
+    single = search_job(_cfg(ov, tmp_path / "one"), progress=False)
+    out = tmp_path / "ddp"
+    res = subprocess.run([sys.executable, _cli("search"), *ov, "trainer=ddp_cpu", "trainer.num_threads=1",
+                          f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "train_ddp_process_1.log").exists()  # a second process really ran
+    rec = json.loads((out / "search.json").read_text())
+    one = json.loads((tmp_path / "one" / "search.json").read_text())
+    # the same global batch split over two processes, gradients averaged: the same trajectory, up to
+    # float summation order (KD values here are ~1e-3 nats; differences stay ~1e-6)
+    assert len(rec["history"]) == len(one["history"]) == 20
+    for a, b in zip(rec["history"], one["history"]):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-3, abs=1e-5)
+        assert a["expected_ms"] == pytest.approx(b["expected_ms"], rel=1e-4)
+    assert json.loads((out / "arch.json").read_text()) == single.arch.to_dict()
+
+
+def test_pareto_and_pick_on_two_searches(tmp_path, feasible):
+    from archquant.search.app import pareto_job, pick_job, search_job
+    from archquant.search.context import SearchContext
+
+    cfg0 = _cfg(TINY, tmp_path)
+    ctx = SearchContext.load(cfg0)
+    for frac in (0.2, 0.7):
+        b = _budget(feasible, frac)
+        search_job(_cfg(TINY + ["search.steps=20", f"budget.latency_ms={b}"], tmp_path), ctx=ctx,
+                   out_dir=tmp_path / "sweep" / f"{frac}", progress=False)
+    cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]"], tmp_path)
+    points, front = pareto_job(cfg, ctx=ctx)
+    assert {p.source for p in points} == {"search", "full"} and len(points) == 3
+    for p in points:
+        assert p.measured_ms > 0 and p.ppl > 1 and "torch" in p.measured_by
+    rec = json.loads((tmp_path / "pareto.json").read_text())
+    assert set(rec["front"]) == {p.name for p in front} and rec["metric"] == "ppl"
+    assert (tmp_path / "pareto.png").exists()
+    assert all((tmp_path / "sweep" / f / "point.json").exists() for f in ("0.2", "0.7"))  # evaluation cache
+
+    fastest = min(points, key=lambda p: p.measured_ms)
+    slowest = max(points, key=lambda p: p.measured_ms)
+    picked = pick_job(_cfg(TINY + [f"slo.latency_ms={slowest.measured_ms}", f"slo.front={tmp_path}"], tmp_path))
+    assert picked.met and picked.point.ppl == min(p.ppl for p in points)
+    none = pick_job(_cfg(TINY + [f"slo.latency_ms={fastest.measured_ms / 10}", f"slo.front={tmp_path}"], tmp_path))
+    assert not none.met and none.fastest.name == fastest.name
+    saved = json.loads((tmp_path / "picked.json").read_text())
+    assert saved["met"] is False and "no point meets" in saved["message"]
+
+
+def test_main_job_on_the_tiny_model(tmp_path, feasible):
+    from archquant.search.main_job import main_job
+
+    ov = TINY + [
+        "search.steps=10",
+        "run.budget_fractions=[0.35,0.8]",
+        "distill=quick",
+        "distill.steps=2",
+        "distill.batch_size=2",
+        "distill.ppl_windows=1",
+        "eval.tasks=[piqa]",
+        "eval.limit=4",
+        "eval.progress=false",
+    ]
+    rec = main_job(_cfg(ov, tmp_path))
+    assert len(rec["searches"]) == 2 and all((Path(s) / "arch.json").exists() for s in rec["searches"])
+    for name in ("pareto.json", "pareto.png", "picked.json", "eval.json", "run.json"):
+        assert (tmp_path / name).exists(), name
+    assert rec["slo_ms"] > 0 and rec["picked"]["message"]
+    assert rec["stages"]["distill"].startswith("done"), rec["stages"]
+    assert rec["stages"]["export"].startswith("done"), rec["stages"]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["full"]["tasks"]["piqa"]["n"] == 4 and ev["picked"]["perplexity"]["ppl"] > 1
+    # a resumed main job keeps the finished searches (no new checkpoints written)
+    before = {p: p.stat().st_mtime for p in tmp_path.rglob("searches/*/arch.json")}
+    main_job(_cfg(ov + [f"resume={tmp_path}", "run.distill=false", "run.export=false", "run.evaluate=false"], tmp_path / "x"))
+    assert {p: p.stat().st_mtime for p in tmp_path.rglob("searches/*/arch.json")} == before
