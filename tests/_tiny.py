@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from archquant.models.tiny import tiny_llama
 from archquant.supernet.space import SpaceConfig
@@ -39,3 +41,16 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class CountLinear(TorchFunctionMode):
+    """Counts ``F.linear`` calls inside its ``with`` block (``.calls``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

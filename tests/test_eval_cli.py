@@ -84,7 +84,8 @@ def test_wrong_data_root_fails_before_loading_the_model(tmp_path):
 
 def test_benchmark_row_with_a_missing_field(tmp_path):
     f = tmp_path / "piqa.jsonl"
-    f.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n" + json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    rows = [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, {"goal": "g", "sol1": "a", "sol2": "b"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = Config(
         model=ModelConfig(name="tiny-llama"),
         data=DataConfig(task_files={"piqa": str(f)}),

@@ -162,14 +162,20 @@ def test_prompt_formats_by_hand():
         ("The trophy does not fit in the case because the case", " is too big."),
     )
     assert ex.gold == 0
-    arc = {"id": "x", "question": {"stem": "Why?", "choices": [{"text": "one", "label": "1"}, {"text": "two", "label": "2"}]}, "answerKey": "2"}
+    choices = [{"text": "one", "label": "1"}, {"text": "two", "label": "2"}]  # numeric labels, as in 4% of ARC
+    arc = {"id": "x", "question": {"stem": "Why?", "choices": choices}, "answerKey": "2"}
     ex = TASK_SPECS["arc_easy"].build(arc)
     assert ex.requests == (("Question: Why?\nAnswer:", " one"), ("Question: Why?\nAnswer:", " two")) and ex.gold == 1
     ex = TASK_SPECS["mmlu"].build({"subject": "high_school_biology", "question": " Q? ", "choices": ["a", "b", "c", "d"], "answer": "C"})
     ctx = "The following are multiple choice questions (with answers) about high school biology.\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
     assert ex.requests == tuple((ctx, f" {c}") for c in "ABCD") and ex.gold == 2
     ex = TASK_SPECS["hellaswag"].build(
-        {"activity_label": "Washing hands", "ctx": "A man stands at a sink. the man", "endings": ["a", "b  c", "x [title] y", "e"], "label": "3"}
+        {
+            "activity_label": "Washing hands",
+            "ctx": "A man stands at a sink. the man",
+            "endings": ["a", "b  c", "x [title] y", "e"],
+            "label": "3",
+        }
     )
     assert ex.requests[0] == ("Washing hands: A man stands at a sink. The man", " a")
     assert [c for _, c in ex.requests] == [" a", " b c", " x. y", " e"] and ex.gold == 3

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from archquant.backends.base import Backend, register_backend
+from archquant.kernels.quant.reference import fake_quant_act as ref_fake_quant_act
 from archquant.models.hetero import QuantLinear
 from archquant.supernet import Arch, build, materialize
 from archquant.supernet.linear import ElasticLinear
-from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids
 
 TOL = 1e-4  # fp32; observed differences are 0 (sliced path) to ~1e-6 (masked path)
 
@@ -262,3 +264,39 @@ def test_mixed_weights_equal_the_weighted_sum_of_quantisers(sn3):
     y.sum().backward()
     expect = torch.stack([F.linear(x, sn.backend.fake_quant_weight(lin.weight, b, 32)).sum() for b in lin.bits])
     assert torch.allclose(pi.grad, expect.detach(), rtol=1e-4, atol=1e-4)
+
+
+class _QuantisedMatmulActBackend(Backend):
+    """Like llama.cpp: int8 activations only for matmuls with quantised weights (abits ignored)."""
+
+    name = "test-wq-act"
+
+    def fake_quant_act(self, x, abits, wbits):
+        return ref_fake_quant_act(x, 8) if wbits < 16 else x
+
+
+register_backend(_QuantisedMatmulActBackend)
+
+
+def test_activation_quantiser_that_depends_on_weight_bits(tmp_path):
+    model = tiny_model(layers=2)
+    sn = build(model, tiny_space(abits=[16]), backend=_QuantisedMatmulActBackend(), calib_ids=token_ids(rows=4, seq=32),
+               cache_dir=tmp_path)
+    lin = sn.layers[0].mlp.down_proj
+    assert lin.classes == [0, 1, 1]  # 16-bit weights see float inputs, 8/4-bit weights int8 inputs
+    ids = token_ids(seed=14)
+    with torch.no_grad():
+        for arch in random_archs(sn.space, 4, seed=5):
+            sub = materialize(sn, arch)
+            assert sub.config.quant["backend"] == "test-wq-act"
+            assert (sub(ids).logits - sn(ids, sn.arch_probs(arch))).abs().max() <= TOL, arch.summary()
+    # one mixed linear = sum over bits of pi_b * linear(act_quant(x, b), Q_b(W)), in two matmuls
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    h = torch.randn(4, lin.weight.shape[1])
+    xs = {0: h, 1: ref_fake_quant_act(h, 8)}
+    expect = sum(p * F.linear(sn.backend.fake_quant_act(h, 16, b), sn.backend.fake_quant_weight(lin.weight, b, 32))
+                 for p, b in zip(pi, lin.bits))
+    with CountLinear() as count:
+        got = lin(xs, pi)
+    assert count.calls == 2
+    assert (got - expect).abs().max() <= 1e-5

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from archquant.supernet import Arch, GateError, build, materialize
-from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,26 +142,15 @@ def test_state_dict_resumes_logits_and_fixed_gates(sn):
         other.load_state_dict(state)
 
 
-class _CountLinear(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_vectorised_forward_is_one_pass_whatever_the_number_of_candidates():
     sn = build(tiny_model(layers=1), tiny_space())
     ids = token_ids(rows=1, seq=8)
     probs = sn.sample_probs(1.0)
-    with _CountLinear() as count:
+    with CountLinear() as count:
         sn(ids, probs)
     assert count.calls == 7 + 1  # one matmul per linear, every candidate mixed in
     sn.mode = "naive"
-    with _CountLinear() as naive, torch.no_grad():
+    with CountLinear() as naive, torch.no_grad():
         sn(ids, probs)
     # naive: per linear |abits| x |wbits| matmuls, per width branch
     assert naive.calls > 10 * count.calls

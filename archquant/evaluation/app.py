@@ -138,9 +138,8 @@ def format_table(result: dict) -> str:
     if result.get("tasks"):
         lines.append(f"{'task':<14} {'n':>6} {'acc':>6} {'(se)':>6} {'acc_norm':>9} {'(se)':>6}")
         for task, r in result["tasks"].items():
-            lines.append(
-                f"{task:<14} {r['n']:>6} {pct(r['acc']):>6} {pct(r['acc_stderr']):>6} {pct(r['acc_norm']):>9} {pct(r['acc_norm_stderr']):>6}"
-            )
+            cells = [pct(r["acc"]), pct(r["acc_stderr"]), pct(r["acc_norm"]), pct(r["acc_norm_stderr"])]
+            lines.append(f"{task:<14} {r['n']:>6} {cells[0]:>6} {cells[1]:>6} {cells[2]:>9} {cells[3]:>6}")
         mean = result["summary"]["mean_headline_acc"]
         lines.append(f"mean of headline metrics (acc_norm where reported, else acc): {pct(mean)}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ no/yes) costs one row instead of four or two.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,23 +99,18 @@ def forward_logits(model, input_ids: torch.Tensor, last: int | None = None) -> t
     return logits
 
 
-class scoring_mode:
-    """Eval mode and no autograd for the duration of a scoring call; the caller's mode is restored."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = getattr(self.model, "training", False)
-        if hasattr(self.model, "eval"):
-            self.model.eval()
-        self.ctx = torch.inference_mode()
-        self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        if self.was_training:
-            self.model.train()
+@contextmanager
+def scoring_mode(model):
+    """Eval mode and no autograd while scoring; the caller's train/eval mode is restored afterwards."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def _tok_encode(tokenizer, text: str, prefix: str | None) -> list[int]:

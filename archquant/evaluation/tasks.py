@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from archquant.data.files import DataFormatError
 
@@ -113,7 +114,7 @@ class TaskSpec:
     """How a task is scored: its builder and whether lm-eval reports ``acc_norm`` for it."""
 
     name: str
-    build: object  # Callable[[dict], MCExample]
+    build: Callable[[dict], MCExample]
     has_acc_norm: bool
 
     @property

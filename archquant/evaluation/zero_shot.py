@@ -52,7 +52,14 @@ def mean_stderr(values: Sequence[float]) -> float | None:
 
 
 def score_examples(
-    model, tokenizer, examples: Sequence[MCExample], *, batch_size: int = 16, progress: bool = False, desc: str = "zero-shot", max_length: int | None = None
+    model,
+    tokenizer,
+    examples: Sequence[MCExample],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "zero-shot",
+    max_length: int | None = None,
 ) -> list[ExampleScore]:
     """Score multiple-choice examples: one loglikelihood request per choice, all batched together."""
     flat = [req for ex in examples for req in ex.requests]

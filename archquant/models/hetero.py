@@ -202,9 +202,11 @@ class QuantLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the engine computes with (dequantised). Shape: ``[out, in]``."""
-        if self.wbits >= 16:
-            return self.weight
         w = self.weight
+        if self.wbits >= 16:
+            q = self.backend.fake_quant_weight(w, self.wbits, self.group_size)
+            if q is w:  # the reference backend keeps 16-bit weights as they are: no copy
+                return w
         if self.training or (w.requires_grad and torch.is_grad_enabled()):
             return self.backend.fake_quant_weight(w, self.wbits, self.group_size)
         key = (w.data_ptr(), w._version, w.device, w.dtype)
@@ -448,7 +450,10 @@ class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
                 state.setdefault(name, p.detach().clone())
         if tie:
             state.pop("lm_head.weight", None)
-        model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (tie and k == "lm_head.weight")]
+        if missing or unexpected:  # pragma: no cover - guards the name mapping
+            raise RuntimeError(f"plain Llama does not fit these weights: missing {missing}, unexpected {unexpected}")
         return model.eval()
 
 

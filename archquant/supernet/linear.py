@@ -95,11 +95,15 @@ class ElasticLinear(nn.Module):
 
     # ---- quantised weights -------------------------------------------------------------------
     def qweight(self, index: int) -> torch.Tensor:
-        """``Q_{bits[index]}(W_active)``; 16 bits is the active slice itself (no copy for prefixes)."""
+        """``Q_{bits[index]}(W_active)``, cached; a quantiser that leaves the weight as it is (16 bits in
+        the reference backend) returns the active slice itself, so the full choice is the Parameter."""
         b = self.bits[index]
         gathered = isinstance(self.out_sel, torch.Tensor) or isinstance(self.in_sel, torch.Tensor)
         if b >= 16 and not gathered:
-            return self.active_weight()
+            w = self.active_weight()
+            q = self.backend.fake_quant_weight(w, b, self.group_size)
+            if q is w:
+                return w
         return self._cache.one(self.weight, self.active_weight, b, self.backend, self.group_size, self._slice_version)
 
     def chosen(self, pi: torch.Tensor | int | None) -> int | None:

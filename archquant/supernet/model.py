@@ -6,6 +6,13 @@ cumulative width masks, mixed quantised weights, depth as ``h + pi_keep f(h)`` a
 expected hidden width (DESIGN section 3). Fixing a gate (entropy pruner, ``set_arch``) slices the
 weights to the chosen width and keeps only the chosen quantiser, so later steps get cheaper.
 
+A gate whose vector is an exact one-hot without gradient (``probs=None``, ``arch_probs``) is run on
+its slice, at the subnet's real cost and bit for bit like ``materialize``; gates with gradients (soft
+or straight-through samples) go through the masks. One approximation remains on the masked path:
+with the opt-in ``q_per_group``/``head_dim`` choices, ``o_proj`` is quantised in groups of the full
+layout, which need not coincide with the groups of the narrower slice (one-hot and fixed gates
+quantise the slice itself).
+
 Gate logits and the fixed-gate map are part of ``state_dict()`` so a search can be resumed.
 """
 

@@ -209,6 +209,9 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
         head_dim = int(layer_hd[0])
     if head_dim % 2:
         raise GGUFExportError(f"head_dim {head_dim} is odd; RoPE needs pairs of dimensions")
+    act = str(_get(cfg, "hidden_act", "silu"))
+    if act not in ("silu", "swish"):
+        raise GGUFExportError(f"hidden_act {act!r}: llama.cpp's llama/deci graphs run SiLU-gated MLPs only")
 
     def fail(i: int, msg: str) -> GGUFExportError:
         return GGUFExportError(f"layer {i} (source block {sources[i]}): {msg}")

@@ -292,3 +292,24 @@ def generate(
         if out and out[-1] == runner.eos_id:
             out = out[:-1]
         return runner.detokenize(out)
+
+
+class LlamaCppLM(torch.nn.Module):
+    """A GGUF seen as a causal-LM module for ``archquant.evaluation`` (perplexity, zero-shot scoring).
+
+    ``forward(input_ids)`` returns llama.cpp's logits for every position of every row (each row from
+    an empty cache; right padding therefore never affects the real positions).
+
+    Args:
+        runner: an open ``LlamaCppRunner`` (its ``n_ctx`` is the longest row accepted).
+    """
+
+    def __init__(self, runner: LlamaCppRunner) -> None:
+        super().__init__()
+        self.runner = runner
+        # read by archquant.evaluation.loglik.model_max_length
+        self.config = type("GGUFConfig", (), {"max_position_embeddings": runner.n_ctx})()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Shape: ``input_ids [B, S]`` -> logits ``[B, S, vocab]`` float32."""
+        return torch.stack([self.runner.logits(row) for row in input_ids.cpu()])

@@ -1,0 +1,229 @@
+"""The original Q4_1 GGUF and compressed subnets, served by llama.cpp on this CPU: speed, size, quality.
+
+For each point: decode ms/token (context C) and prefill ms (S tokens) timed in llama.cpp (minimum
+and median of the samples), GGUF file size, WikiText-2 perplexity and a zero-shot subset scored on
+llama.cpp's own logits, and the latency the committed llama.cpp tables predict.
+
+    python scripts/bench_llamacpp.py --pareto runs/x/pareto.json       # the search's front
+    python scripts/bench_llamacpp.py --archs a/arch.json b/arch.json   # given architectures
+    python scripts/bench_llamacpp.py --exports exp1 exp2               # export folders holding model.gguf
+    python scripts/bench_llamacpp.py --random 4                        # random subnets (a sanity sweep)
+    python scripts/bench_llamacpp.py --random 2 --quick                # smoke: 2 ppl windows, 20 PIQA rows
+
+Writes ``results/bench_llamacpp.json`` and ``results/bench_llamacpp.png`` (``.quick`` with ``--quick``).
+Architectures (``arch.json``) are materialised from the importance-ordered supernet (calibration data
+``data.calib_file``), exported with ``export_gguf`` and evaluated as files; export folders are used as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from archquant.utils.env import run_header
+from archquant.utils.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_points(args) -> list[dict]:
+    """Every requested point as ``{"name", "arch"?: Arch, "gguf"?: Path}``."""
+    from archquant.supernet.arch import Arch
+
+    points: list[dict] = []
+    if args.pareto:
+        data = json.loads(Path(args.pareto).read_text())
+        items = data.get("points", data) if isinstance(data, dict) else data
+        base = Path(args.pareto).parent
+        for i, p in enumerate(items):
+            name = str(p.get("name") or p.get("label") or f"pareto-{i}")
+            export = p.get("export_dir") or p.get("export")
+            arch = p.get("arch_path") or p.get("arch")
+            if export:
+                points.append({"name": name, "gguf": _gguf_in(base / export if not Path(export).is_absolute() else Path(export)),
+                               "record": {k: v for k, v in p.items() if isinstance(v, (int, float, str))}})
+            elif isinstance(arch, dict):
+                points.append({"name": name, "arch": Arch.from_dict(arch), "record": {}})
+            elif arch:
+                path = Path(arch) if Path(arch).is_absolute() else base / arch
+                points.append({"name": name, "arch": Arch.load(path), "record": {}})
+            else:
+                raise SystemExit(f"bench_llamacpp: pareto point {i} has neither 'export_dir' nor 'arch' ('arch_path')")
+    for path in args.archs or []:
+        points.append({"name": Path(path).parent.name or Path(path).stem, "arch": Arch.load(path), "record": {}})
+    for folder in args.exports or []:
+        points.append({"name": Path(folder).name, "gguf": _gguf_in(Path(folder)), "record": {}})
+    return points
+
+
+def _gguf_in(folder: Path) -> Path:
+    if folder.suffix == ".gguf" and folder.is_file():
+        return folder
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise SystemExit(f"bench_llamacpp: {folder} holds no .gguf; export it with archquant-export export.formats=[packed,gguf]")
+    return ggufs[0]
+
+
+def _for_llamacpp(arch, space):
+    """The arch as the llama.cpp space records it (activation bits are llama.cpp's decision)."""
+    arch = dataclasses.replace(arch, layers=[dataclasses.replace(la, abits=16) for la in arch.layers],
+                               group_size=space.group_size)
+    arch.check(space)
+    return arch
+
+
+def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
+    """Timing, size, perplexity and zero-shot accuracy of one GGUF in llama.cpp."""
+    from archquant.backends.llamacpp.profiler import time_gguf
+    from archquant.backends.llamacpp.runtime import LlamaCppLM, LlamaCppRunner
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.evaluation.perplexity import perplexity
+    from archquant.evaluation.zero_shot import zero_shot
+
+    out = {"file": str(path), "file_mb": round(path.stat().st_size / 1e6, 2)}
+    for name, scen in tables["scenarios"].items():
+        res = time_gguf(path, scen, threads=args.threads)
+        out[f"{name}_ms"] = round(res["ms"], 3)
+        out[f"{name}_median_ms"] = round(res["median"], 3)
+        lm = tables["models"].get(name)
+        if lm is not None and arch is not None:
+            out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
+    t0 = time.perf_counter()
+    with LlamaCppRunner(path, n_ctx=args.ppl_seq_len, n_batch=args.ppl_seq_len, n_threads=args.threads) as runner:
+        model = LlamaCppLM(runner)
+        ppl = perplexity(model, tok, resolve_data_path(DataConfig(), "ppl_file"), seq_len=args.ppl_seq_len,
+                         max_windows=args.ppl_windows, batch_size=1)
+        out["wikitext2_ppl"] = round(ppl["ppl"], 4)
+        out["ppl_tokens"] = ppl["tokens"]
+        if args.tasks:
+            zs = zero_shot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=4, progress=False,
+                           max_length=args.ppl_seq_len)
+            out["zero_shot"] = {t: {k: r[k] for k in ("acc", "acc_norm", "n", "stderr") if k in r} for t, r in zs.items()}
+    out["eval_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "decode_ms", "decode ms/token"), (axes[1], "prefill_ms", "prefill ms")):
+        for r in rows:
+            if key not in r or "wikitext2_ppl" not in r:
+                continue
+            orig = r["name"].startswith("original")
+            ax.scatter(r[key], r["wikitext2_ppl"], s=20 + r["file_mb"], marker="*" if orig else "o",
+                       color="tab:red" if orig else "tab:blue", alpha=0.8)
+            ax.annotate(r["name"], (r[key], r["wikitext2_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"llama.cpp {label} (min of samples)")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle("llama.cpp on this CPU (marker area ~ GGUF MB)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pareto", help="pareto.json: points with 'export_dir' or 'arch' / 'arch_path'")
+    ap.add_argument("--archs", nargs="*", help="arch.json files")
+    ap.add_argument("--exports", nargs="*", help="export folders (or .gguf files)")
+    ap.add_argument("--random", type=int, default=0, help="add N random subnets of the llama.cpp space")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--no-original", action="store_true", help="skip the original Q4_1 GGUF")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--prefill-len", type=int, default=128)
+    ap.add_argument("--ppl-seq-len", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows (None-like: 0 = all)")
+    ap.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy"])
+    ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 ppl windows, 20 rows of PIQA only")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ppl_windows, args.limit, args.tasks = 2, 20, ["piqa"]
+    args.ppl_windows = args.ppl_windows or None
+    torch.set_num_threads(args.threads)
+
+    from archquant.backends.llamacpp import LlamaCppBackend
+    from archquant.backends.llamacpp.gguf_export import export_gguf
+    from archquant.backends.llamacpp.profiler import sample_archs
+    from archquant.backends.llamacpp.runtime import require_llama_cpp
+    from archquant.data.calibration import calibration_blocks
+    from archquant.latency_tables.config import LatencyConfig
+    from archquant.latency_tables.loader import find_tables
+    from archquant.latency_tables.model import LatencyModel
+    from archquant.latency_tables.scenario import Scenario
+    from archquant.latency_tables.table import LatencyTable
+    from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
+    from archquant.models.registry import load_model
+    from archquant.supernet import build, materialize
+    from archquant.supernet.space import SpaceConfig, resolve_space
+
+    require_llama_cpp()
+    points = _load_points(args)
+    model, tok = load_model(args.model)
+    backend = LlamaCppBackend()
+    space_cfg = backend.restrict_space(SpaceConfig(), model.config)
+    space = resolve_space(space_cfg, model.config)
+    points += [{"name": f"random-{i}", "arch": a, "record": {}}
+               for i, a in enumerate(sample_archs(space, args.random, random.Random(args.seed)))]
+    scen = {"decode": Scenario("decode", context=args.context), "prefill": Scenario("prefill", prefill_len=args.prefill_len)}
+    models = {}
+    for name, sc in scen.items():
+        paths = find_tables(space, "llamacpp", name)
+        if paths:
+            models[name] = LatencyModel(space, LatencyTable.load(paths[0]), backend)
+    tables = {"scenarios": scen, "models": models}
+    header = run_header(threads=args.threads, statistic="min of samples (median also recorded)",
+                        tables={k: m.table.header.get("path") for k, m in models.items()},
+                        latency=dataclasses.asdict(LatencyConfig(backend="llamacpp", context=args.context,
+                                                                 prefill_len=args.prefill_len)))
+    rows = []
+    if not args.no_original and args.model == EMBEDDED_NAME:
+        orig = ensure_embedded_gguf()
+        print(f"original: {orig}")
+        rows.append({"name": "original-Q4_1", **evaluate_gguf(orig, tok, args, tables)})
+    needs_sn = any("arch" in p for p in points)
+    sn = None
+    if needs_sn:
+        calib = calibration_blocks(tok)
+        sn = build(model, space_cfg, backend=backend, calib_ids=calib)
+    src = {"source_gguf": ensure_embedded_gguf()} if args.model == EMBEDDED_NAME else {"tokenizer": tok}
+    with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
+        for p in points:
+            arch = _for_llamacpp(p["arch"], space) if "arch" in p else None
+            path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{p['name']}.gguf", **src)
+            print(f"{p['name']}: {arch.summary() if arch else path}")
+            row = {"name": p["name"], **p.get("record", {}), **evaluate_gguf(Path(path), tok, args, tables, arch)}
+            if arch is not None:
+                row["arch"] = arch.summary()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "zero_shot"}))
+    stem = "bench_llamacpp.quick" if args.quick else "bench_llamacpp"
+    result = {"header": header, "points": rows}
+    atomic_write_json(ROOT / "results" / f"{stem}.json", result)
+    _plot(rows, ROOT / "results" / f"{stem}.png")
+    print(f"wrote results/{stem}.json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
