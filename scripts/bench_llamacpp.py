@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                for i, a in enumerate(sample_archs(space, args.random, random.Random(args.seed)))]
     scen = {"decode": Scenario("decode", context=args.context), "prefill": Scenario("prefill", prefill_len=args.prefill_len)}
     models = {}
-    for name, sc in scen.items():
+    for name in scen:
         paths = find_tables(space, "llamacpp", name)
         if paths:
             models[name] = LatencyModel(space, LatencyTable.load(paths[0]), backend)

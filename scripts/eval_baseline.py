@@ -39,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke check: 8 rows per task, 4 perplexity windows")
     p.add_argument("--markdown", metavar="JSON", default=None, help="print the README table of a saved result and exit")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the perplexity and the tasks already in --out when their protocol matches; run the rest",
+    )
     return p.parse_args(argv)
 
 
@@ -61,6 +66,19 @@ def markdown_table(result: dict) -> str:
             f"| {ppl['windows']} x {ppl['seq_len']} tok | {ppl['ppl']:.2f} | | {ppl['wall_s']:.0f} |"
         )
     return "\n".join(rows)
+
+
+def _resumable(out: Path, fresh: dict) -> dict | None:
+    """The saved result at ``out`` when it was made with the same model and protocol, else None."""
+    if not out.exists():
+        return None
+    saved = json.loads(out.read_text())
+    same = saved.get("header", {}).get("model") == fresh["header"]["model"] and all(
+        saved.get("protocol", {}).get(k) == fresh["protocol"][k] for k in ("perplexity", "zero_shot", "limit", "full_tasks")
+    )
+    if not same:
+        sys.exit(f"--resume: {out} was made with another model or protocol; pass --out to start a new file")
+    return saved
 
 
 def main(argv=None) -> int:
@@ -107,12 +125,21 @@ def main(argv=None) -> int:
         "tasks": {},
     }
     progress = not args.no_progress
-    result["perplexity"] = perplexity(
-        model, tokenizer, ppl_path, seq_len=args.ppl_seq_len, max_windows=max_windows, batch_size=4, progress=progress
-    )
+    previous = _resumable(out, result) if args.resume else None
+    if previous is not None:
+        result["perplexity"] = previous["perplexity"]
+        result["tasks"] = {t: r for t, r in previous["tasks"].items() if t in tasks}
+        result["resumed_from"] = previous["header"]["date"]
+        print(f"resuming {out}: perplexity and {sorted(result['tasks'])} kept", flush=True)
+    if result["perplexity"] is None or result["perplexity"].get("seq_len") != args.ppl_seq_len:
+        result["perplexity"] = perplexity(
+            model, tokenizer, ppl_path, seq_len=args.ppl_seq_len, max_windows=max_windows, batch_size=4, progress=progress
+        )
     print(f"perplexity {result['perplexity']['ppl']:.3f} ({result['perplexity']['wall_s']:.0f} s)", flush=True)
     atomic_write_json(out, result)
     for task in tasks:
+        if task in result["tasks"]:
+            continue
         task_limit = None if (task in full and not args.quick) else limit
         r = zero_shot(model, tokenizer, [task], task_limit, args.batch_size, data_cfg=data_cfg, progress=progress)[task]
         result["tasks"][task] = r

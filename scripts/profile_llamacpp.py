@@ -50,14 +50,21 @@ def main(argv: list[str] | None = None) -> dict:
                      latency=LatencyConfig(backend="llamacpp", scenario=name, context=args.context,
                                            prefill_len=args.prefill_len, out=str(out) if out else None))
         cfg.trainer.num_threads = args.threads
-        path = profile_llamacpp(cfg, budget_s=budget)
+        stem = f"profile_llamacpp-{name}.timings" + (".quick" if args.quick else "")
+        path = profile_llamacpp(cfg, budget_s=budget, dump=ROOT / "results" / f"{stem}.json")
         table = json.loads(Path(path).read_text())
-        summary["tables"][name] = {"path": str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path),
+        resolved = Path(path).resolve()
+        summary["tables"][name] = {"path": str(resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved),
                                    "fit": table["header"]["fit"], "machine_load": table["header"]["machine_load"],
                                    "profile_seconds": table["header"]["profile_seconds"]}
-    atomic_write_json(ROOT / "results" / ("profile_llamacpp.quick.json" if args.quick else "profile_llamacpp.json"), summary)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "fit"} | {"fit": {kk: vv for kk, vv in v["fit"].items() if kk != "params"}}
-                      for k, v in summary["tables"].items()}, indent=2))
+    result_path = ROOT / "results" / ("profile_llamacpp.quick.json" if args.quick else "profile_llamacpp.json")
+    if result_path.exists() and args.scenario != "both":  # keep the other scenario's entry from its own run
+        previous = json.loads(result_path.read_text()).get("tables", {})
+        summary["tables"] = {**{k: v for k, v in previous.items() if k not in summary["tables"]}, **summary["tables"]}
+    atomic_write_json(result_path, summary)
+    for name, t in summary["tables"].items():
+        fit = {k: v for k, v in t["fit"].items() if k != "params"}
+        print(f"{name}: {t['path']} ({t['profile_seconds']} s, load {t['machine_load']}): fit {json.dumps(fit)}")
     return summary
 
 

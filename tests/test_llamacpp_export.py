@@ -82,7 +82,8 @@ def test_tensor_bytes_are_the_backend_quantiser_of_the_raw_weights(tiny, hetero,
     assert np.array_equal(data["blk.1.attn_output.weight"], quant.pack(attn.o_proj.weight, "Q8_0"))
     # q/k rows are permuted per head before quantising (rows are quantised independently)
     assert np.array_equal(data["blk.1.attn_k.weight"], quant.pack(permute_qk(attn.k_proj.weight, 3), "F16"))
-    assert np.array_equal(data["blk.0.attn_q.weight"], quant.pack(permute_qk(hetero.model.layers[0].self_attn.q_proj.weight, 2), "Q4_0"))
+    q0 = hetero.model.layers[0].self_attn.q_proj.weight
+    assert np.array_equal(data["blk.0.attn_q.weight"], quant.pack(permute_qk(q0, 2), "Q4_0"))
 
 
 def _rope_hf(x: torch.Tensor, pos: int, theta: float = 10000.0) -> torch.Tensor:
@@ -145,7 +146,8 @@ def test_shapes_gguf_cannot_hold_are_refused_before_writing(tiny, tmp_path):
         lin = getattr(attn, name)
         setattr(attn, name, torch.nn.Linear(128, 48, bias=False))
         getattr(attn, name).weight.data = lin.weight.data[:48].clone()
-    _expect_refused(bad, tmp_path, r"layer 1 \(source block 1\): 8 query heads are not a multiple of its 3 KV heads.*layers\.1\.kv_groups", tokenizer=tok)
+    msg = r"layer 1 \(source block 1\): 8 query heads are not a multiple of its 3 KV heads.*layers\.1\.kv_groups"
+    _expect_refused(bad, tmp_path, msg, tokenizer=tok)
     # a quantised row length that is not a multiple of 32 names the layer, the linear and the decision
     bad = copy.deepcopy(model)
     mlp = bad.model.layers[2].mlp
@@ -156,7 +158,8 @@ def test_shapes_gguf_cannot_hold_are_refused_before_writing(tiny, tmp_path):
         getattr(mlp, name).weight.data = w.clone()
     bad.config.quant = {"backend": "llamacpp", "lm_head_bits": 16,
                         "layers": [{"wbits": {n: 16 for n in "q k v o gate up".split()} | {"down": 4}, "abits": 16}] * 3}
-    _expect_refused(bad, tmp_path, r"layer 2.*down row length 48 is not a multiple of Q4_0's block of 32 \(decision mlp", tokenizer=tok)
+    msg = r"layer 2.*down row length 48 is not a multiple of Q4_0's block of 32 \(decision mlp"
+    _expect_refused(bad, tmp_path, msg, tokenizer=tok)
     # per-layer head sizes
     bad = copy.deepcopy(model)
     bad.config.layer_head_dim = [16, 8, 16]

@@ -87,3 +87,25 @@ def test_profile_writes_a_complete_table(space, tmp_path):
         assert torch.isfinite(lm.expected_ms(lm.one_hot(Arch.full(space))))
         table.save(tmp_path / f"{scen.name}.json")
         assert LatencyTable.load(tmp_path / f"{scen.name}.json").ops == table.ops
+
+
+def test_table_from_another_llama_cpp_version_warns_or_is_refused(space, tmp_path):
+    import dataclasses
+
+    from archquant.latency_tables import TableError, TableMismatchWarning, load_table_for
+    from archquant.latency_tables.config import LatencyConfig
+    from archquant.utils.env import device_name, versions
+
+    be = LlamaCppBackend()
+    types = be.types
+    cm = CostModel([types[b] for b in space.wbits], [types[b] for b in space.lm_head_bits])
+    coef = np.full(len(cm.names), 1e-3)
+    header = {"backend": "llamacpp", **Scenario("decode").header(), "model": space.fingerprint, "device": device_name(),
+              "versions": {**versions(), "llama_cpp_python": "0.0.1"}}
+    path = tmp_path / "t.json"
+    LatencyTable(header=header, ops=cm.table_ops(coef, space, types)).save(path)
+    cfg = LatencyConfig(backend="llamacpp", table=str(path))
+    with pytest.warns(TableMismatchWarning, match="llama_cpp_python 0.0.1"):
+        load_table_for(cfg, space, be)
+    with pytest.raises(TableError, match="latency.strict=true"):
+        load_table_for(dataclasses.replace(cfg, strict=True), space, be)

@@ -142,9 +142,13 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible):
         b = _budget(feasible, frac)
         search_job(_cfg(TINY + ["search.steps=20", f"budget.latency_ms={b}"], tmp_path), ctx=ctx,
                    out_dir=tmp_path / "sweep" / f"{frac}", progress=False)
+    shutil.copytree(tmp_path / "sweep" / "0.2", tmp_path / "sweep" / "0.2-again")  # the same subnet twice
     cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]"], tmp_path)
     points, front = pareto_job(cfg, ctx=ctx)
-    assert {p.source for p in points} == {"search", "full"} and len(points) == 3
+    assert {p.source for p in points} == {"search", "full"} and len(points) == 4
+    twins = [p for p in points if p.run_dir and Path(p.run_dir).name.startswith("0.2")]
+    assert twins[0].measured_ms == twins[1].measured_ms and twins[1].extra["same_arch_as"] == twins[0].name
+    points = [p for p in points if p is not twins[1]]
     for p in points:
         assert p.measured_ms > 0 and p.ppl > 1 and "torch" in p.measured_by
     rec = json.loads((tmp_path / "pareto.json").read_text())

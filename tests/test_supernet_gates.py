@@ -168,3 +168,18 @@ def test_set_arch_then_argmax_arch_round_trips(sn):
     assert sn.argmax_arch().to_dict() == arch.to_dict()
     with pytest.raises(Exception, match="fixed it to"):
         sn.set_arch(Arch.full(sn.space) if arch.to_dict() != Arch.full(sn.space).to_dict() else Arch.random(sn.space, 6))
+
+
+def test_checkpoint_carries_the_rope_pair_order(tmp_path):
+    space = tiny_space(kv_groups=[1.0, 0.5], head_dim=[1.0, 0.5])
+    model = tiny_model(layers=2)
+    permuted = build(model, space, calib_ids=token_ids(rows=4, seq=32, seed=1), cache_dir=tmp_path)
+    permuted.fix_gate("layers.0.head_dim", 1)
+    plain = build(model, space)  # no calibration: original order
+    assert plain.rope_perms[0] is None and permuted.rope_perms[0] is not None
+    plain.load_state_dict(permuted.state_dict())
+    ids = token_ids(seed=8)
+    with torch.no_grad():
+        full = plain.arch_probs(plain.argmax_arch())
+        assert torch.equal(plain(ids, full), permuted(ids, full))
+        assert (plain(ids, full) - materialize(permuted, permuted.argmax_arch())(ids).logits).abs().max() <= 1e-4

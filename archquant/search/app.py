@@ -266,7 +266,22 @@ def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
         )
     supernet = ctx.build_supernet() if any(p.arch is not None for p in points) else None
     t0 = time.perf_counter()
-    points = [evaluate_point(p, cfg, ctx, supernet) for p in points]
+    # one evaluation per distinct architecture: two budgets that found the same subnet must not get
+    # two different "measured" latencies from timing noise
+    done: dict[str, ParetoPoint] = {}
+    evaluated = []
+    for p in points:
+        key = json.dumps(p.arch, sort_keys=True) if p.arch is not None else None
+        if key is not None and key in done:
+            src = done[key]
+            fields = ("measured_ms", "measured_by", "ppl", "accuracy", "zero_shot")
+            p = dataclasses.replace(p, **{f: getattr(src, f) for f in fields}, extra={**p.extra, "same_arch_as": src.name})
+        else:
+            p = evaluate_point(p, cfg, ctx, supernet)
+            if key is not None:
+                done[key] = p
+        evaluated.append(p)
+    points = evaluated
     metric = resolve_metric(points, "auto")
     front = non_dominated(points, metric)
     out = Path(cfg.out_dir) / cfg.pareto.output

@@ -18,7 +18,7 @@ class BudgetError(ValueError):
 
 @dataclass
 class FeasibleRange:
-    """Predicted latency (ms) and weight memory (MB) of the smallest and the full subnet."""
+    """Predicted latency (ms) and weight memory (MB) of the smallest subnet and of the full model."""
 
     min_ms: float
     max_ms: float
@@ -38,13 +38,23 @@ def smallest_arch(space: Space) -> Arch:
 
 
 def feasible_range(latency_model, space: Space) -> FeasibleRange:
-    """The range a budget must fall in, from the latency model's own predictions."""
-    lo_ms, hi_ms = latency_model.range_ms()
+    """The range a budget must fall in: the smallest subnet's prediction up to the full model's.
+
+    The upper end is the full model itself (not the slowest subnet of the space): a budget the original
+    model already meets leaves the search nothing to do.
+    """
+    lo_ms = latency_model.range_ms()[0]
+    full = Arch.full(space)
     if hasattr(latency_model, "range_mb"):
-        lo_mb, hi_mb = latency_model.range_mb()
-    else:  # additive memory: the narrowest subnet with one block, and the full one, are the extremes
-        lo_mb, hi_mb = latency_model.predict_mb(smallest_arch(space)), latency_model.predict_mb(Arch.full(space))
-    return FeasibleRange(min_ms=float(lo_ms), max_ms=float(hi_ms), min_mb=float(lo_mb), max_mb=float(hi_mb))
+        lo_mb = latency_model.range_mb()[0]
+    else:  # additive memory: the narrowest subnet with one block is the smallest
+        lo_mb = latency_model.predict_mb(smallest_arch(space))
+    return FeasibleRange(
+        min_ms=float(lo_ms),
+        max_ms=float(latency_model.predict_ms(full)),
+        min_mb=float(lo_mb),
+        max_mb=float(latency_model.predict_mb(full)),
+    )
 
 
 def check_budget(latency_model, space: Space, budget, where: str = "") -> FeasibleRange:

@@ -130,8 +130,16 @@ class ElasticAttention(nn.Module):
         self.v_proj.set_slice(out_sel=as_sel(idx["v"], full_kv))
         self.o_proj.set_slice(in_sel=as_sel(idx["o"], full_o))
         self.kv_act, self.qpg_act, self.hd_act = kv, q, hd
-        dims = idx["qk_dims"].to(self.hd_values.device)
-        if hd == self.head_dim and self.rope_perm is None:
+        self._update_rope_sel()
+
+    def set_rope_perm(self, rope_perm: torch.Tensor | None) -> None:
+        """Adopt another RoPE pair order (a checkpoint's); the weights must follow the same order."""
+        self.rope_perm = None if rope_perm is None else rope_perm.to(self.hd_values.device)
+        self._update_rope_sel()
+
+    def _update_rope_sel(self) -> None:
+        dims = head_dims(self.head_dim, self.hd_act)[0].to(self.hd_values.device)
+        if self.hd_act == self.head_dim and self.rope_perm is None:
             self.rope_sel = None
         else:
             self.rope_sel = dims if self.rope_perm is None else self.rope_perm[dims]

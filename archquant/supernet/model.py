@@ -229,7 +229,14 @@ class Supernet(nn.Module):
 
     # ---- checkpointing -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        return {"version": STATE_VERSION, "fixed": dict(self.gates.fixed), "fingerprint": dict(self.space.fingerprint)}
+        return {
+            "version": STATE_VERSION,
+            "fixed": dict(self.gates.fixed),
+            "fingerprint": dict(self.space.fingerprint),
+            "gates": {n: list(c) for n, c in self.gates.choices.items()},
+            # RoPE pair orders are not weights but must match the (permuted) weights of the checkpoint
+            "rope_perms": [None if p is None else p.tolist() for p in self.rope_perms],
+        }
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -239,6 +246,13 @@ class Supernet(nn.Module):
                 f"this supernet checkpoint was made for another model ({state.get('fingerprint')}), "
                 f"not {self.space.fingerprint}"
             )
+        if state["gates"] != {n: list(c) for n, c in self.gates.choices.items()}:
+            raise ArchError("this supernet checkpoint was made over another search space; build with the same space")
+        perms = [None if p is None else torch.tensor(p) for p in state["rope_perms"]]
+        for l, (mine, theirs) in enumerate(zip(self.rope_perms, perms)):
+            if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine.cpu(), theirs)):
+                self.layers[l].self_attn.set_rope_perm(theirs)
+        self.rope_perms = perms
         for name, idx in state["fixed"].items():
             self.fix_gate(name, idx)
 

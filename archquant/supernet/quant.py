@@ -165,4 +165,6 @@ def mix_weights(stack: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
     ``pi [K]`` -> ``[N, K_in]``.
     """
     k, n, m = stack.shape
-    return torch.mv(stack.reshape(k, n * m).t(), pi.to(stack.dtype)).reshape(n, m)
+    # outside autocast: a bf16 autocast would copy the whole stack to bf16 on every call
+    with torch.autocast(device_type=stack.device.type, enabled=False):
+        return torch.mv(stack.reshape(k, n * m).t(), pi.to(stack.dtype)).reshape(n, m)

@@ -104,7 +104,8 @@ class LlamaCppBackend(Backend):
 
         wbits = [b for b in space_config.wbits if int(b) in self.types]
         lm_bits = [b for b in space_config.lm_head_bits if int(b) in self.types]
-        for key, kept, orig in (("space.wbits", wbits, space_config.wbits), ("space.lm_head_bits", lm_bits, space_config.lm_head_bits)):
+        for key, kept, orig in (("space.wbits", wbits, space_config.wbits),
+                                ("space.lm_head_bits", lm_bits, space_config.lm_head_bits)):
             if not kept:
                 raise BackendError(
                     f"{key}={list(orig)} has no bit-width llama.cpp can store; use some of {sorted(self.types)}"

@@ -219,7 +219,7 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
     plans = []
     for i, block in enumerate(blocks):
         w = {lin: _module(block, path, i, sources).weight for lin, (path, _) in LINEAR_TENSORS.items()}
-        for lin, (path, _) in LINEAR_TENSORS.items():
+        for path, _ in LINEAR_TENSORS.values():
             if getattr(_module(block, path, i, sources), "bias", None) is not None:
                 raise fail(i, f"{path} has a bias; the llama/deci GGUF path written here has none")
         q_rows, k_rows = w["q"].shape[0], w["k"].shape[0]
@@ -469,7 +469,6 @@ def export_gguf(
     Raises:
         GGUFExportError: a shape or type GGUF cannot hold, or no tokenizer (before anything is written).
     """
-    from gguf import GGUFValueType as V
     from gguf import GGUFWriter
 
     plan = plan_gguf(model, types=types, arch=arch)

@@ -21,6 +21,7 @@ llama.cpp offers no per-op timer, so the table comes from whole-model timings an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import tempfile
@@ -129,8 +130,11 @@ def random_tensor(rows: int, cols: int, qtype: str, rng: np.random.Generator) ->
 def write_synthetic_gguf(shape: SubnetShape, path: str | Path, *, seed: int = 0, rope_theta: float = 10000.0,
                          rms_eps: float = 1e-5, context_length: int = 8192) -> Path:
     """A runnable GGUF (arch ``deci``) with random weights at exactly ``shape``'s shapes and types."""
+    import logging
+
     from gguf import GGUFWriter
 
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # one INFO line per file otherwise
     rng = np.random.default_rng(seed)
     path = Path(path)
     w = GGUFWriter(str(path), "deci")
@@ -289,7 +293,7 @@ def sample_archs(space, n: int, rng: random.Random) -> list:
 
 def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, budget_s: float | None = None,
                   threads: int | None = None, seed: int = 0, holdout: float = 0.2, min_models: int = 12,
-                  max_models: int = 80, log: Callable[[str], None] = print):
+                  max_models: int = 80, dump: str | Path | None = None, log: Callable[[str], None] = print):
     """Time synthetic subnets of ``space`` in llama.cpp and fit a ``LatencyTable`` (not saved).
 
     Args:
@@ -303,6 +307,7 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
         holdout: fraction of timed subnets kept out of the fit to report prediction error.
         min_models: time at least this many subnets even past the budget.
         max_models: stop adding subnets here; the rest of the budget re-times them.
+        dump: also write every subnet's shape and samples here (JSON), to refit offline.
     """
     import torch
 
@@ -356,6 +361,13 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
     rows = [cm.features(s) for s in shapes]
     ys = [_stat(v) for v in samples]
     medians = [float(np.median(v)) for v in samples]
+    if dump is not None:
+        from archquant.utils.io import atomic_write_json
+
+        atomic_write_json(dump, {"scenario": scenario.header(), "threads": threads, "statistic": STATISTIC,
+                                 "features": cm.names, "subnets": [
+                                     {"shape": dataclasses.asdict(s), "features": r.tolist(), "samples": v}
+                                     for s, r, v in zip(shapes, rows, samples)]})
     X, y = np.stack(rows), np.asarray(ys)
     n_hold = int(len(y) * holdout) if len(y) >= 10 else 0
     order = np.random.default_rng(seed).permutation(len(y))
@@ -368,11 +380,13 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
                           "max_rel_err": round(float(rel.max()), 4)}
     coef = cm.fit(X, y)  # the table uses every timing
     rel = np.abs(X @ coef - y) / y
-    fit["train"] = {"n": int(len(y)), "median_rel_err": round(float(np.median(rel)), 4), "max_rel_err": round(float(rel.max()), 4)}
+    fit["train"] = {"n": int(len(y)), "median_rel_err": round(float(np.median(rel)), 4),
+                    "max_rel_err": round(float(rel.max()), 4)}
     fit["params"] = {n: round(float(c), 8) for n, c in zip(cm.names, coef)}
     fit["median_over_min"] = round(float(np.median(np.asarray(medians) / y)), 4)
-    log(f"fit on {len(y)} subnets: median rel err {fit['train']['median_rel_err']:.3f}, max {fit['train']['max_rel_err']:.3f}"
-        + (f"; held-out median {fit['holdout']['median_rel_err']:.3f}, max {fit['holdout']['max_rel_err']:.3f}" if n_hold else ""))
+    tr, ho = fit["train"], fit.get("holdout")
+    log(f"fit on {len(y)} subnets: median rel err {tr['median_rel_err']:.3f}, max {tr['max_rel_err']:.3f}"
+        + (f"; held-out median {ho['median_rel_err']:.3f}, max {ho['max_rel_err']:.3f}" if ho else ""))
     header = {
         "device": device_name("cpu"),
         "backend": backend.name,
@@ -401,10 +415,11 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
 
 
 def profile_llamacpp(cfg, *, budget_s: float | None = None, out: str | Path | None = None,
-                     log: Callable[[str], None] = print) -> Path:
+                     dump: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Profile and save the llama.cpp table of ``cfg``'s model, space and scenario (``latency.*``).
 
-    Writes ``latency_tables/<device>/<model>-llamacpp-<scenario>.json`` (or ``latency.out`` / ``out``).
+    Writes ``latency_tables/<device>/<model>-llamacpp-<scenario>.json`` (or ``latency.out`` / ``out``);
+    ``dump`` also keeps the raw timings (see ``profile_table``).
     """
     import torch
 
@@ -420,8 +435,9 @@ def profile_llamacpp(cfg, *, budget_s: float | None = None, out: str | Path | No
     model, _ = load_model(cfg.model.name, seed=cfg.model.seed)
     space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
     scenario = Scenario.from_config(cfg.latency)
-    table = profile_table(model, space, scenario, cfg.latency, backend=backend, budget_s=budget_s, log=log)
     path = Path(out or cfg.latency.out or table_path(cfg.model.name, backend.name, scenario, "cpu"))
+    table = profile_table(model, space, scenario, cfg.latency, backend=backend, budget_s=budget_s, log=log,
+                          dump=dump)
     table.save(path)
     log(f"wrote {path}")
     return path
