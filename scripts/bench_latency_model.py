@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from archquant.latency_tables import LatencyModel, Scenario, load_table_for
+from archquant.latency_tables.table import LatencyTable
 from archquant.latency_tables.config import LatencyConfig
 from archquant.latency_tables.loader import roofline_params
 from archquant.latency_tables.roofline import roofline_table, runtime_weight_bytes
@@ -191,10 +193,72 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def correction_report(x: list[float], y: list[float]) -> dict:
+    """Errors of the plain sum of ops ``x`` against measurements ``y``, and of a fitted linear correction."""
+    s, o = fit_line(x, y)
+    return {
+        "error_sum_of_ops": summary(rel_errors(x, y)),
+        "signed_bias_sum_of_ops": statistics.median([(a - b) / b for a, b in zip(x, y)]),
+        "fitted_correction": {"scale": s, "offset_ms": o},
+        "error_fitted_in_sample": summary(rel_errors([s * a + o for a in x], y)),
+        "error_fitted_leave_one_out": summary(loo_errors(x, y)) if len(x) > 2 else None,
+    }
+
+
+def main_llamacpp(args, out: Path, log) -> int:
+    """``--backend llamacpp``: random subnets exported to GGUF, timed in llama.cpp, vs the llama.cpp tables.
+
+    ``--refit`` skips the timing and re-analyses the subnets of an earlier output file.
+    """
+    from archquant.backends.llamacpp.validate import validate_llamacpp
+    from archquant.latency_tables.config import LatencyConfig
+
+    if args.refit:
+        results = json.loads(Path(args.refit).read_text())
+    else:
+        if busy_warning():
+            log(f"WARNING: {busy_warning()}")
+        lat = LatencyConfig(backend="llamacpp", batch=args.batch, context=args.context, prefill_len=args.prefill_len)
+        t0 = time.perf_counter()
+        res = validate_llamacpp(args.model, n=args.subnets, scenarios=tuple(args.scenarios), latency_cfg=lat,
+                                seed=args.seed + 1, threads=args.threads or 2, log=log)
+        results = {"header": run_header("cpu", script="bench_latency_model", backend="llamacpp", quick=args.quick,
+                                        machine_load=machine_load()),
+                   "args": vars(args), **res, "seconds": round(time.perf_counter() - t0, 1),
+                   "machine_load_end": machine_load()}
+    results["corrections"] = {}
+    for name in results["scenarios"]:
+        rows = [r[name] for r in results["subnets"]]
+        x = [r.get("predicted_sum_ms", r["predicted_ms"]) for r in rows]
+        rep = correction_report(x, [r["measured_ms"] for r in rows])
+        results["corrections"][name] = rep
+        e0, e2 = rep["error_sum_of_ops"], rep["error_fitted_leave_one_out"]
+        c = rep["fitted_correction"]
+        log(f"{name:8s} sum of ops: median {e0['median']:.1%}, max {e0['max']:.1%} (bias {rep['signed_bias_sum_of_ops']:+.1%})"
+            f" | correction scale {c['scale']:.3f}, offset {c['offset_ms']:+.3f} ms, leave-one-out: median "
+            f"{e2['median']:.1%}, max {e2['max']:.1%}  (goals <= 5% / <= 12%)")
+        if args.write_correction:
+            path = results["table_headers"][name].get("path")
+            if not path:
+                log(f"  {name}: the table header has no path; correction not written")
+                continue
+            table = LatencyTable.load(path)
+            table.correction = {"scale": c["scale"], "offset_ms": c["offset_ms"]}
+            table.header.pop("path", None)
+            table.header["correction_fit"] = {"script": "scripts/bench_latency_model.py --backend llamacpp",
+                                              "subnets": len(rows), "loo_error": e2, "date": results["header"]["date"]}
+            table.save(path)
+            log(f"  wrote the fitted correction into {path}")
+    atomic_write_json(out, results)
+    log(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    ap.add_argument("--backend", default="torch", choices=["torch", "triton", "llamacpp"],
+                    help="llamacpp: subnets exported to GGUF and timed in llama.cpp against the llama.cpp tables")
     ap.add_argument("--scenarios", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
     ap.add_argument("--subnets", type=int, default=20, help="random subnets besides the full model")
     ap.add_argument("--batch", type=int, default=1)
@@ -208,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 3 subnets, 2 repeats, 4 decode steps")
     ap.add_argument("--out", default="results/bench_latency_model.json")
+    ap.add_argument("--refit", metavar="JSON", default=None,
+                    help="llamacpp: re-analyse the subnets of an earlier output instead of timing new ones")
     args = ap.parse_args(argv)
     if args.quick:
         args.subnets, args.repeats, args.steps = min(args.subnets, 3), 2, 4
@@ -215,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out if not args.quick or args.out != ap.get_default("out") else "results/bench_latency_model.quick.json")
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.backend == "llamacpp":
+        return main_llamacpp(args, out.with_name(out.name.replace("bench_latency_model", "bench_latency_model.llamacpp")), log)
     t0 = time.perf_counter()
     model, _ = load_model(args.model)
     sn = build(model, SpaceConfig(), backend=args.backend)

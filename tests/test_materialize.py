@@ -171,3 +171,28 @@ def test_cut_head_size_records_rope_pairs_and_round_trips(tmp_path):
     m.save_pretrained(tmp_path / "m")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert torch.equal(again(ids).logits, m(ids).logits)
+
+
+def test_saved_subnet_loads_by_path_in_a_fresh_interpreter(sn, hetero_arch, tmp_path):
+    # the registry must register model_type "archquant" itself: a new process has not imported it
+    import subprocess
+    import sys
+
+    m = materialize(sn, hetero_arch)
+    m.save_pretrained(tmp_path / "sub")
+    from archquant.models.tokenizers import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "sub")
+    ids = token_ids(seed=3)
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch; from archquant.models import load_model; "
+        f"m, _ = load_model({str(tmp_path / 'sub')!r}); "
+        f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r}); "
+        "print(type(m).__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ArchQuantForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), m(ids).logits, rtol=0, atol=1e-5)

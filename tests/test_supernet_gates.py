@@ -183,3 +183,39 @@ def test_checkpoint_carries_the_rope_pair_order(tmp_path):
         full = plain.arch_probs(plain.argmax_arch())
         assert torch.equal(plain(ids, full), permuted(ids, full))
         assert (plain(ids, full) - materialize(permuted, permuted.argmax_arch())(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "llamacpp"])
+def test_output_mixing_equals_weight_mixing_with_gradients(backend_name):
+    # few rows mix outputs (one matmul per bits choice), many rows mix weights: same value, same gradients
+    from archquant.backends.base import get_backend
+    from archquant.supernet.linear import ElasticLinear
+    from archquant.supernet.quant import act_classes, mixed_act
+
+    torch.manual_seed(0)
+    backend = get_backend(backend_name)
+    bits = [16, 8, 4]
+    classes = act_classes(backend, [16], bits)
+    weight = torch.nn.Parameter(torch.randn(48, 64), requires_grad=False)
+    lin = ElasticLinear(weight, None, bits, 32, backend, classes)
+    x0 = torch.randn(3, 5, 64)
+    logits = torch.randn(3)
+
+    def run(max_tokens):
+        lin.mix_outputs_max_tokens = max_tokens
+        x = x0.clone().requires_grad_(True)
+        pi = logits.clone().requires_grad_(True)
+        p = pi.softmax(-1)
+        xs = mixed_act(x, backend, [16], None, 0, [bits[classes.index(c)] for c in sorted(set(classes))], sorted(set(classes)))
+        y = lin(xs, p)
+        (y * torch.linspace(-1, 1, y.shape[-1])).square().sum().backward()
+        return y.detach(), x.grad, pi.grad
+
+    y_out, gx_out, gp_out = run(10**6)
+    y_w, gx_w, gp_w = run(0)
+    torch.testing.assert_close(y_out, y_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_out, gx_w, rtol=1e-4, atol=1e-5)
+    # d pi is a sum of ~3k signed products computed in a different order (<dy, y_k> vs <dW, Q_k>):
+    # fp32 cancellation allows ~1e-3 of its scale
+    torch.testing.assert_close(gp_out, gp_w, rtol=0, atol=2e-3 * float(gp_w.abs().max()))
+    assert gp_out.abs().sum() > 0

@@ -41,6 +41,8 @@ def resolve_model_name(name: str) -> str:
 
 
 def _load_hf(path_or_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import archquant.models.hetero  # noqa: F401  (registers model_type "archquant": saved subnets load by path)
+
     path = Path(path_or_id)
     if path.is_file() and path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name}

@@ -53,6 +53,9 @@ class SearchConfig:
         repair: after the argmax, move open gates to cheaper choices (least probability lost first)
             until the predicted latency/memory meet the budget.
         keep_checkpoints: how many recent checkpoints to keep.
+        mix_outputs_max_tokens: calibration rows per process up to which open bits gates mix their
+            outputs (one matmul per bits choice) instead of one mixed weight (``ElasticLinear``); equal
+            results, cheaper for short batches. 0 = always mix weights.
     """
 
     steps: int = 150
@@ -75,6 +78,7 @@ class SearchConfig:
     ce_weight: float = 0.0
     repair: bool = True
     keep_checkpoints: int = 2
+    mix_outputs_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "prune_every", "checkpoint_every", "keep_checkpoints"):
@@ -84,7 +88,7 @@ class SearchConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"search.{key} must be > 0, got {getattr(self, key)}")
         for key in ("weight_lr", "lambda_latency", "lambda_memory", "warmup_steps", "teacher_topk", "ce_weight",
-                    "lambda_growth"):
+                    "lambda_growth", "mix_outputs_max_tokens"):
             if getattr(self, key) < 0:
                 raise ValueError(f"search.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.prune_epsilon < 1:

@@ -16,6 +16,7 @@ from archquant.search.result import SearchResult
 from archquant.search.schedule import penalty_scale, temperature
 from archquant.search.teacher import TeacherTargets
 from archquant.supernet.arch import Arch
+from archquant.supernet.linear import ElasticLinear
 from archquant.training.loop import FabricLoop
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ class ArchSearch(FabricLoop):
                 "raise data.num_calib_blocks or lower search.batch_size"
             )
         self.sn = supernet.to(fabric.device)
+        for module in self.sn.modules():
+            if isinstance(module, ElasticLinear):
+                module.mix_outputs_max_tokens = cfg.mix_outputs_max_tokens
         self.space = supernet.space
         self.lm = latency_model
         self.teacher = teacher

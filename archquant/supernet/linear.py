@@ -44,7 +44,15 @@ class ElasticLinear(nn.Module):
         group_size: quantisation group size along the input dimension.
         backend: the engine whose quantiser is simulated.
         classes: activation class of each bits choice (see ``quant.act_classes``).
+
+    Attributes:
+        mix_outputs_max_tokens: up to this many input rows, open bits are mixed as outputs
+            (``sum_k pi_k x Q_k^T``), else as one mixed weight (see ``_mixed_term``). 0 (default):
+            always one matmul per linear; the search raises it for short calibration batches
+            (``search.mix_outputs_max_tokens``).
     """
+
+    mix_outputs_max_tokens: int = 0
 
     def __init__(
         self,
@@ -151,17 +159,39 @@ class ElasticLinear(nn.Module):
             self.weight, self.active_weight, self.bits, self.backend, self.group_size, self._slice_version
         )
         stack = _take(_take(stack, out_sub, 1), in_sub, 2)
-        members: dict[int, list[int]] = {}
-        for i, c in enumerate(self.classes):
-            members.setdefault(c, []).append(i)
-        if len(members) == 1:
-            return F.linear(xs[self.classes[0]], mix_weights(stack, pi), bias)
         y = None
-        for c, idx in members.items():
-            sel = torch.tensor(idx, device=stack.device)
-            term = F.linear(xs[c], mix_weights(stack.index_select(0, sel), pi.index_select(0, sel)))
+        for c, (lo, hi) in self._class_ranges().items():
+            term = self._mixed_term(xs[c], stack, pi, lo, hi)
             y = term if y is None else y + term
         return y if bias is None else y + bias
+
+    def _class_ranges(self) -> dict[int, tuple[int, int]]:
+        """``class -> (lo, hi)``: the bits choices of each activation class, a contiguous range of the gate."""
+        ranges: dict[int, tuple[int, int]] = {}
+        for i, c in enumerate(self.classes):
+            lo, hi = ranges.get(c, (i, i))
+            if hi != i:
+                raise ValueError(f"bits choices {self.bits} of one activation class must be adjacent: {self.classes}")
+            ranges[c] = (lo, i + 1)
+        return ranges
+
+    def _mixed_term(self, x: torch.Tensor, stack: torch.Tensor, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``x (sum_{k in lo:hi} pi_k Q_k)^T``, mixing weights or outputs, whichever moves fewer bytes.
+
+        Mixing weights costs two passes over the stack and a full ``[N, K]`` write per call and per
+        backward; mixing outputs costs one matmul per choice. Below ``mix_outputs_max_tokens`` rows the
+        matmuls are cheaper (a search step on one short block); above, one mixed matmul is.
+        """
+        if hi - lo == 1:
+            return F.linear(x, stack[lo]) * pi[lo]
+        rows = x.numel() // max(1, x.shape[-1])
+        if rows <= self.mix_outputs_max_tokens:
+            y = None
+            for k in range(lo, hi):
+                term = F.linear(x, stack[k]) * pi[k]
+                y = term if y is None else y + term
+            return y
+        return F.linear(x, mix_weights(stack[lo:hi], pi[lo:hi]))
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

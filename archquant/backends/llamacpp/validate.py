@@ -101,7 +101,9 @@ def validate_llamacpp(
                    "lm_head_bits": arch.lm_head_bits, "file_mb": round(path.stat().st_size / 1e6, 2)}
             for name in scenarios:
                 res = time_gguf(path, scen[name], threads=threads)
-                row[name] = {"predicted_ms": round(models[name].predict_ms(arch), 4), "measured_ms": round(res["ms"], 4),
+                row[name] = {"predicted_ms": round(models[name].predict_ms(arch), 4),
+                             "predicted_sum_ms": round(models[name].predict_ms(arch, corrected=False), 4),
+                             "measured_ms": round(res["ms"], 4),
                              "measured_median_ms": round(res["median"], 4)}
             path.unlink()
             rows.append(row)
