@@ -3,6 +3,7 @@ budget the achieved predicted and measured latency against the target. Writes ``
 
     python scripts/bench_search.py            # full: 3 budgets x 150 steps (search/default), ~1 h on 2 cores
     python scripts/bench_search.py --quick    # smoke check: 1 budget x 20 short steps, a few minutes
+    python scripts/bench_search.py --from-run runs/quick   # the same figures from a finished archquant-run folder
 """
 
 from __future__ import annotations
@@ -50,13 +51,72 @@ def step_times(history: list[dict]) -> dict:
     }
 
 
+def from_run(run: Path, out: Path) -> dict:
+    """The benchmark's figures read from an ``archquant-run`` folder (its searches and its measured front)."""
+    import json
+
+    from archquant.utils.io import atomic_write_json
+
+    rec = json.loads((run / "run.json").read_text())
+    points = {p["name"]: p for p in json.loads((run / "pareto.json").read_text())["points"]}
+    full = points.get("full", {})
+    budgets = []
+    for folder in rec["searches"]:
+        s = json.loads((Path(folder) / "search.json").read_text())
+        res, target = s["result"], s["budget"]["latency_ms"]
+        point = next((p for p in points.values() if p.get("run_dir") == str(folder)), {})
+        measured = point.get("measured_ms")
+        budgets.append({
+            "target_ms": target,
+            "predicted_ms": res["predicted_ms"],
+            "argmax_predicted_ms": res["argmax_predicted_ms"],
+            "measured_ms": measured,
+            "measured_by": point.get("measured_by"),
+            "predicted_vs_target": res["predicted_ms"] / target - 1,
+            "measured_vs_target": None if measured is None else measured / target - 1,
+            "measured_vs_predicted": None if measured is None else measured / res["predicted_ms"] - 1,
+            "meets_target_predicted": res["meets_budget"],
+            "meets_target_measured": None if measured is None else measured <= target,
+            "ppl": point.get("ppl"),
+            "val_kd": res["val_kd"],
+            "arch": res["arch"],
+            "steps": res["steps"],
+            "stop_reason": res["stop_reason"],
+            "repair_moves": len(res["repair_moves"]),
+            "search_wall_s": res["wall_s"],
+            "step_time": step_times(s["history"]),
+        })
+    record = {
+        "header": {**rec["header"], "from_run": str(run)},
+        "source": "archquant-run folder (searches + measured Pareto points)",
+        "feasible_ms": [rec["feasible"]["min_ms"], rec["feasible"]["max_ms"]],
+        "full_model": {"predicted_ms": full.get("predicted_ms"), "measured_ms": full.get("measured_ms"),
+                       "ppl": full.get("ppl")},
+        "reference_points": {n: {k: p.get(k) for k in ("predicted_ms", "measured_ms", "ppl")}
+                             for n, p in points.items() if p.get("source") == "uniform"},
+        "search_total_wall_s": rec["timings_s"].get("search"),
+        "budgets": budgets,
+    }
+    atomic_write_json(out, record)
+    for b in budgets:
+        st = b["step_time"]
+        print(f"budget {b['target_ms']:.3f} ms: predicted {b['predicted_ms']:.3f}, measured {b['measured_ms']} ms, "
+              f"{b['steps']} steps in {b['search_wall_s']:.0f} s; step {st.get('before_s', 0):.2f} s open -> "
+              f"{st.get('last_tenth_s', 0):.2f} s last tenth (open gates {st.get('open_gates_start')} -> {st.get('open_gates_end')})")
+    print(f"wrote {out}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke check: one budget, 20 short steps")
     ap.add_argument("--fractions", type=float, nargs="*", default=None, help="budgets as fractions of the full model's predicted latency")
     ap.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides (e.g. latency=torch_cpu)")
     ap.add_argument("--out", default=str(REPO / "results" / "bench_search.json"))
+    ap.add_argument("--from-run", default=None, help="read the figures from a finished archquant-run folder instead")
     args = ap.parse_args(argv)
+    if args.from_run:
+        return from_run(Path(args.from_run), Path(args.out))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch

@@ -36,9 +36,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", type=float, default=480.0, help="seconds of timing per scenario")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="60 s per scenario, tables written under results/ only")
+    ap.add_argument("--refit", action="store_true",
+                    help="rebuild the tables from the timings the last profile dumped under results/ (no timing)")
     args = ap.parse_args(argv)
 
-    from archquant.backends.llamacpp.profiler import profile_llamacpp
+    from archquant.backends.llamacpp.profiler import profile_llamacpp, refit_llamacpp
 
     torch.set_num_threads(args.threads)  # the device name and the tables record this thread count
     budget = 60.0 if args.quick else args.budget
@@ -51,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
                                            prefill_len=args.prefill_len, out=str(out) if out else None))
         cfg.trainer.num_threads = args.threads
         stem = f"profile_llamacpp-{name}.timings" + (".quick" if args.quick else "")
-        path = profile_llamacpp(cfg, budget_s=budget, dump=ROOT / "results" / f"{stem}.json")
+        if args.refit:
+            path = refit_llamacpp(cfg, ROOT / "results" / f"{stem}.json", out=out)
+        else:
+            path = profile_llamacpp(cfg, budget_s=budget, dump=ROOT / "results" / f"{stem}.json")
         table = json.loads(Path(path).read_text())
         resolved = Path(path).resolve()
         summary["tables"][name] = {"path": str(resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved),

@@ -73,14 +73,23 @@ def test_synthetic_gguf_has_the_subnet_shapes(space, tmp_path):
 
 def test_profile_writes_a_complete_table(space, tmp_path):
     pytest.importorskip("llama_cpp")
-    from archquant.backends.llamacpp.profiler import profile_table
+    import json
+
+    from archquant.backends.llamacpp.profiler import STATISTIC, fit_table, profile_table
     from archquant.models.tiny import tiny_llama
 
     model = tiny_llama(vocab_size=259, num_hidden_layers=4)
     for scen in (Scenario("decode", context=16), Scenario("prefill", prefill_len=8)):
-        table = profile_table(model, space, scen, budget_s=0.0, min_models=6, holdout=0.0, threads=1, log=lambda m: None)
+        dump = tmp_path / f"{scen.name}.timings.json"
+        table = profile_table(model, space, scen, budget_s=0.0, min_models=6, holdout=0.0, threads=1, log=lambda m: None,
+                              dump=dump)
         h = table.header
-        assert h["backend"] == "llamacpp" and h["scenario"] == scen.name and h["statistic"] == "min"
+        assert h["backend"] == "llamacpp" and h["scenario"] == scen.name and h["statistic"] == STATISTIC
+        # the dumped timings refit to the same table without timing anything again
+        saved = json.loads(dump.read_text())
+        again = fit_table([SubnetShape(**r["shape"]) for r in saved["subnets"]], [r["samples"] for r in saved["subnets"]],
+                          space=space, scenario=scen, backend=LlamaCppBackend(), threads=1, holdout=0.0, log=lambda m: None)
+        assert again.ops == table.ops
         assert h["versions"].get("llama_cpp_python") and h["threads"] == 1 and h["fit"]["train"]["n"] == 6
         lm = LatencyModel(space, table, "llamacpp")  # every signature of the space is in the table
         assert lm.predict_ms(Arch.full(space)) > 0
@@ -109,3 +118,13 @@ def test_table_from_another_llama_cpp_version_warns_or_is_refused(space, tmp_pat
         load_table_for(cfg, space, be)
     with pytest.raises(TableError, match="latency.strict=true"):
         load_table_for(dataclasses.replace(cfg, strict=True), space, be)
+
+
+def test_session_statistic_is_the_median_of_session_minima():
+    from archquant.backends.llamacpp.profiler import session_stat
+
+    # three sessions of 3 samples: minima 5, 2, 9 -> median 5 (the global minimum 2 is one lucky session)
+    assert session_stat([7, 5, 6, 2, 3, 4, 9, 11, 10], 3) == 5.0
+    assert session_stat([4, 3, 8], 3) == 3.0  # one session: its minimum
+    assert session_stat([4, 3, 8, 1], 3) == 1.0  # fewer than two whole sessions: the minimum of everything
+    assert session_stat([7, 5, 6, 2, 3, 4, 1], 3) == 3.5  # a trailing partial session is left out

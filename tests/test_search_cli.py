@@ -193,3 +193,34 @@ def test_main_job_on_the_tiny_model(tmp_path, feasible):
     before = {p: p.stat().st_mtime for p in tmp_path.rglob("searches/*/arch.json")}
     main_job(_cfg(ov + [f"resume={tmp_path}", "run.distill=false", "run.export=false", "run.evaluate=false"], tmp_path / "x"))
     assert {p: p.stat().st_mtime for p in tmp_path.rglob("searches/*/arch.json")} == before
+
+
+def test_uniform_reference_points_join_the_front_and_export_when_picked(tmp_path, feasible):
+    from archquant.search.app import pareto_job, pick_job, search_job
+    from archquant.search.context import SearchContext
+    from archquant.search.main_job import _distill_and_export
+    from archquant.supernet.arch import Arch
+
+    cfg0 = _cfg(TINY, tmp_path)
+    ctx = SearchContext.load(cfg0)
+    search_job(_cfg(TINY + ["search.steps=4", f"budget.latency_ms={_budget(feasible, 0.5)}"], tmp_path), ctx=ctx,
+               out_dir=tmp_path / "sweep" / "a", progress=False)
+    cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[8,4]"], tmp_path)
+    points, _ = pareto_job(cfg, ctx=ctx)
+    uniform = {p.name: p for p in points if p.source == "uniform"}
+    assert set(uniform) == {"uniform-w8", "uniform-w4"}
+    for b in (8, 4):
+        p = uniform[f"uniform-w{b}"]
+        arch = Arch.from_dict(p.arch)
+        assert arch.lm_head_bits == b and all(set(la.wbits.values()) == {b} for la in arch.layers)
+        assert arch.hidden == max(ctx.space.hidden) and all(la.keep for la in arch.layers)
+        assert p.measured_ms > 0 and p.ppl > 1
+    assert uniform["uniform-w4"].predicted_mb < uniform["uniform-w8"].predicted_mb
+    slowest = max(p.measured_ms for p in points)
+    pick_job(_cfg(TINY + [f"slo.latency_ms={slowest}", f"slo.front={tmp_path}"], tmp_path))  # the main job's record
+    notes, _ = _distill_and_export(_cfg(TINY + ["run.distill=false"], tmp_path), tmp_path, uniform["uniform-w4"])
+    assert notes["export"].startswith("done"), notes
+    assert Arch.load(tmp_path / "picked_arch.json").to_dict() == uniform["uniform-w4"].arch
+
+    with pytest.raises(ValueError, match="pareto.uniform_bits has 3"):
+        pareto_job(_cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[3]"], tmp_path), ctx=ctx)

@@ -54,8 +54,8 @@ def test_unknown_search_keys_are_refused():
 
 def test_quick_preset_sizes_the_main_job_and_stays_overridable():
     cfg = _compose(["preset=quick"])
-    assert cfg.search.steps == 12 and cfg.data.seq_len == 64 and cfg.eval.tasks == ["piqa", "arc_easy"]
-    assert len(cfg.run.budget_fractions) == 3 and cfg.distill.steps == 20
+    assert cfg.search.steps == 30 and cfg.data.seq_len == 64 and cfg.eval.tasks == ["piqa", "arc_easy"]
+    assert len(cfg.run.budget_fractions) == 3 and cfg.distill.steps == 20 and cfg.pareto.uniform_bits == [8, 4]
     assert _compose(["preset=quick", "search.steps=5"]).search.steps == 5
     assert _compose([]).search.steps == 150  # without the preset, the full-size defaults
 

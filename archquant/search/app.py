@@ -227,6 +227,28 @@ def _check_same_workload(points: list[ParetoPoint], cfg) -> None:
             )
 
 
+def uniform_points(ctx, bits_list) -> list[ParetoPoint]:
+    """Reference points: the full-width model with every linear and the lm_head at ``b`` bits, per ``b``."""
+    from archquant.supernet.arch import Arch
+
+    out = []
+    for b in bits_list:
+        b = int(b)
+        if b not in ctx.space.wbits or b not in ctx.space.lm_head_bits:
+            raise ValueError(
+                f"pareto.uniform_bits has {b}, which the space cannot express (space.wbits={list(ctx.space.wbits)}, "
+                f"lm_head bits {list(ctx.space.lm_head_bits)} after the {ctx.cfg.latency.backend} backend's rules)"
+            )
+        arch = Arch.full(ctx.space)
+        arch.lm_head_bits = b
+        for la in arch.layers:
+            la.wbits = {k: b for k in la.wbits}
+        ms, mb = ctx.latency_model.predict_ms(arch), ctx.latency_model.predict_mb(arch)
+        out.append(ParetoPoint(name=f"uniform-w{b}", source="uniform", arch=arch.to_dict(), predicted_ms=ms,
+                               predicted_mb=mb, memory_mb=mb))
+    return out
+
+
 def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
     """Collect search runs (+ baselines, + the original model), evaluate them, keep the non-dominated set.
 
@@ -264,6 +286,7 @@ def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
                 memory_mb=ctx.latency_model.predict_mb(full),
             )
         )
+    points += uniform_points(ctx, cfg.pareto.uniform_bits)
     supernet = ctx.build_supernet() if any(p.arch is not None for p in points) else None
     t0 = time.perf_counter()
     # one evaluation per distinct architecture: two budgets that found the same subnet must not get

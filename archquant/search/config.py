@@ -132,6 +132,8 @@ class ParetoConfig:
         runs: folders searched recursively for ``search.json`` (e.g. a ``-m`` sweep folder).
         baselines: JSON files of extra points (``{"points": [...]}``, same fields as ``pareto.json``).
         include_full: add the original model (full width, 16-bit) as a reference point.
+        uniform_bits: also add the full-width model with every linear and the lm_head at each of these
+            weight bits (e.g. ``[8, 4]``: what plain uniform quantisation gives) as reference points.
         measure: time every point in the serving backend (else the predicted latency is used, and said).
         zero_shot: also run the ``eval`` group's zero-shot tasks on every point (slow on CPU).
         output: where ``pareto.json`` goes (``pareto.png`` beside it), relative to the run folder.
@@ -140,6 +142,7 @@ class ParetoConfig:
     runs: list[str] = field(default_factory=list)
     baselines: list[str] = field(default_factory=list)
     include_full: bool = True
+    uniform_bits: list[int] = field(default_factory=list)
     measure: bool = True
     zero_shot: bool = False
     output: str = "pareto.json"

@@ -70,9 +70,16 @@ def _distill_and_export(cfg, out: Path, chosen) -> tuple[dict[str, str], Path | 
     """
     notes: dict[str, str] = {}
     distilled: Path | None = None
-    if chosen is None or chosen.run_dir is None:
-        return {"distill": "skipped: no searched point was picked", "export": "skipped: nothing to export"}, None
-    arch_path = Path(chosen.run_dir) / "arch.json"
+    if chosen is None or chosen.arch is None:
+        why = "no point was picked" if chosen is None else f"the picked point {chosen.name!r} is the original model"
+        return {"distill": f"skipped: {why}", "export": "skipped: nothing to export"}, None
+    if chosen.run_dir is not None:
+        arch_path = Path(chosen.run_dir) / "arch.json"
+    else:  # a reference point (e.g. uniform-w4): its record lives in pareto.json only
+        from archquant.supernet.arch import Arch
+
+        arch_path = out / "picked_arch.json"
+        Arch.from_dict(chosen.arch).save(arch_path)
     if not cfg.run.distill:
         notes["distill"] = "skipped (run.distill=false)"
     else:

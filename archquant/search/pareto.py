@@ -19,7 +19,7 @@ class ParetoPoint:
 
     Attributes:
         name: unique label (e.g. ``search@12ms``, ``full``).
-        source: ``search``, ``full`` (the original model) or ``baseline``.
+        source: ``search``, ``full`` (the original model), ``uniform`` (full width at uniform bits) or ``baseline``.
         arch: the ``Arch`` record as a dict (None for the original model).
         budget_ms: the latency target it was searched for.
         predicted_ms, predicted_mb: the latency model's predictions.
