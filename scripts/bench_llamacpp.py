@@ -55,6 +55,8 @@ def _load_points(args) -> list[dict]:
             elif arch:
                 path = Path(arch) if Path(arch).is_absolute() else base / arch
                 points.append({"name": name, "arch": Arch.load(path), "record": {}})
+            elif p.get("source") == "full":
+                points.append({"name": name, "arch": "full", "record": {}})  # the original shape, resolved below
             else:
                 raise SystemExit(f"bench_llamacpp: pareto point {i} has neither 'export_dir' nor 'arch' ('arch_path')")
     for path in args.archs or []:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     from archquant.latency_tables.table import LatencyTable
     from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
     from archquant.models.registry import load_model
-    from archquant.supernet import build, materialize
+    from archquant.supernet import Arch, build, materialize
     from archquant.supernet.space import SpaceConfig, resolve_space
 
     require_llama_cpp()
@@ -209,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     src = {"source_gguf": ensure_embedded_gguf()} if args.model == EMBEDDED_NAME else {"tokenizer": tok}
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
         for p in points:
-            arch = _for_llamacpp(p["arch"], space) if "arch" in p else None
+            arch = None
+            if "arch" in p:
+                arch = _for_llamacpp(Arch.full(space) if p["arch"] == "full" else p["arch"], space)
             path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{p['name']}.gguf", **src)
             print(f"{p['name']}: {arch.summary() if arch else path}")
             row = {"name": p["name"], **p.get("record", {}), **evaluate_gguf(Path(path), tok, args, tables, arch)}

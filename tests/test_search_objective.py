@@ -101,3 +101,18 @@ def test_pruner_fixes_exactly_the_collapsed_gates_on_its_period():
     assert sn.fixed == {names[0]: 1} and names[0] not in sn.open_gates()
     with pytest.raises(ValueError, match="prune_epsilon"):
         EntropyPruner(epsilon=1.5, every=5)
+
+
+def test_width_prior_favours_the_widest_choice_of_width_gates_only():
+    from archquant.search.loop import add_width_prior
+    from archquant.supernet.gates import GateSet
+
+    gates = GateSet({"hidden": [64, 48, 32], "layers.0.mlp": [256, 128], "layers.0.wbits.qkv": [16, 8, 4],
+                     "layers.0.keep": [1, 0], "layers.0.head_dim": [16]})
+    add_width_prior(gates, 2.0)
+    logit = lambda n: gates.logits[gates.index[n]].detach()  # noqa: E731
+    torch.testing.assert_close(logit("hidden"), torch.tensor([2.0, 1.0, 0.0]))
+    torch.testing.assert_close(logit("layers.0.mlp"), torch.tensor([2.0, 0.0]))
+    assert torch.equal(logit("layers.0.wbits.qkv"), torch.zeros(3))  # bits and depth keep their init
+    assert torch.equal(logit("layers.0.keep"), torch.zeros(2))
+    assert torch.equal(logit("layers.0.head_dim"), torch.zeros(1))  # fixed (single choice): untouched

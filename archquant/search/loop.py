@@ -45,6 +45,19 @@ def onehot_probs(space, arch: Arch, device=None) -> dict[str, torch.Tensor]:
     return out
 
 
+WIDTH_GATES = ("hidden", "kv_groups", "q_per_group", "head_dim", "mlp")
+
+
+@torch.no_grad()
+def add_width_prior(gates, strength: float) -> None:
+    """Add ``strength * (1 - k / (K - 1))`` to choice ``k`` of every open width gate (choices widest first)."""
+    for name in gates.open_gates():
+        if name.rsplit(".", 1)[-1] in WIDTH_GATES:
+            logits = gates.logits[gates.index[name]]
+            k = logits.numel()
+            logits += strength * (1 - torch.arange(k, dtype=logits.dtype) / (k - 1))
+
+
 class ArchSearch(FabricLoop):
     """The differentiable search of DESIGN sections 5-6 as a ``FabricLoop``.
 
@@ -110,6 +123,9 @@ class ArchSearch(FabricLoop):
         for module in self.sn.modules():
             if isinstance(module, ElasticLinear):
                 module.mix_outputs_max_tokens = cfg.mix_outputs_max_tokens
+        gates = getattr(self.sn, "gates", None)  # a GateSet (test doubles of the supernet may have none)
+        if cfg.width_prior and gates is not None:
+            add_width_prior(gates, cfg.width_prior)  # a resume then loads the saved logits over it
         self.space = supernet.space
         self.lm = latency_model
         self.teacher = teacher
