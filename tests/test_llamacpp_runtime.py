@@ -171,3 +171,18 @@ def test_generate_answers_from_the_embedded_gguf():
     from archquant.models.embedded import ensure_embedded_gguf
 
     assert "Paris" in generate(ensure_embedded_gguf(), "The capital of France is", max_new_tokens=6)
+
+
+def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
+    from archquant.export.app import gguf_to_serve
+
+    model, tok = tiny
+    folder = tmp_path / "export"
+    folder.mkdir()
+    path = export_gguf(model, folder / "model.gguf", tokenizer=tok)
+    assert gguf_to_serve(str(folder), "auto") == path  # llama-cpp-python is installed here
+    assert gguf_to_serve(str(folder), "llamacpp") == path
+    assert gguf_to_serve(str(folder), "torch") is None
+    assert gguf_to_serve(str(tmp_path / "elsewhere"), "auto") is None  # no GGUF: the packed model runs
+    with pytest.raises(SystemExit, match=r"export.formats=\[packed,gguf\]"):
+        gguf_to_serve(str(tmp_path), "llamacpp")

@@ -176,10 +176,38 @@ def generate(cfg) -> str:
     from archquant.export.packed import ExportFormatError
 
     name = cfg.export.path or cfg.model.name
-    try:
-        model, tok = load_any(name)
-    except (ExportFormatError, ManifestError, ValueError) as err:
-        sys.exit(f"archquant-generate: {err}")
-    text = generate_text(model, tok, cfg.export.prompt, cfg.export.max_new_tokens)
+    gguf = gguf_to_serve(name, cfg.export.engine)
+    if gguf is not None:
+        from archquant.backends.llamacpp.runtime import generate as llamacpp_generate
+
+        log.info("generating with llama.cpp from %s", gguf)
+        text = llamacpp_generate(gguf, cfg.export.prompt, cfg.export.max_new_tokens,
+                                 n_threads=cfg.trainer.num_threads or 2)
+    else:
+        try:
+            model, tok = load_any(name)
+        except (ExportFormatError, ManifestError, ValueError) as err:
+            sys.exit(f"archquant-generate: {err}")
+        text = generate_text(model, tok, cfg.export.prompt, cfg.export.max_new_tokens)
     print(cfg.export.prompt + text)
     return text
+
+
+def gguf_to_serve(name: str, engine: str) -> Path | None:
+    """The GGUF ``archquant-generate`` runs in llama.cpp, or None for the torch path (see ``export.engine``)."""
+    import importlib.util
+
+    folder = Path(name)
+    gguf = folder / "model.gguf" if folder.is_dir() else (folder if folder.suffix == ".gguf" else None)
+    have = gguf is not None and gguf.is_file()
+    if engine == "torch":
+        return None
+    if engine == "llamacpp":
+        if not have:
+            sys.exit(f"archquant-generate: export.engine=llamacpp but {name} holds no model.gguf; "
+                     "export with export.formats=[packed,gguf]")
+        from archquant.backends.llamacpp.runtime import require_llama_cpp
+
+        require_llama_cpp()
+        return gguf
+    return gguf if have and importlib.util.find_spec("llama_cpp") is not None else None

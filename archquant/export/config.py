@@ -8,6 +8,9 @@ FORMATS = ("packed", "compressed_tensors", "gguf")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
+ENGINES = ("auto", "llamacpp", "torch")
+
+
 @dataclass
 class ExportConfig:
     """What to export, in which formats, where; and the ``generate`` settings.
@@ -27,6 +30,8 @@ class ExportConfig:
         path: export folder (or model name) that ``archquant-generate`` runs (null = ``model.name``).
         prompt: prompt of ``archquant-generate``.
         max_new_tokens: tokens ``archquant-generate`` adds (greedy).
+        engine: what ``archquant-generate`` runs: ``auto`` (the folder's ``model.gguf`` in llama.cpp when there
+            is one and ``llama-cpp-python`` is installed, else the packed model), ``llamacpp`` or ``torch``.
     """
 
     arch: str | None = None
@@ -40,8 +45,11 @@ class ExportConfig:
     path: str | None = None
     prompt: str = "The capital of France is"
     max_new_tokens: int = 32
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"export.engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.formats is not None:
             unknown = [f for f in self.formats if f not in FORMATS]
             if unknown:
