@@ -65,12 +65,16 @@ def loo_errors(x: list[float], y: list[float]) -> list[float]:
     return out
 
 
-def uniform_bits(space, bits: int) -> Arch:
-    arch = Arch.full(space)
-    arch.lm_head_bits = bits
-    for la in arch.layers:
-        la.wbits = {k: bits for k in la.wbits}
-    return arch
+def correction_report(x: list[float], y: list[float]) -> dict:
+    """Errors of the plain sum of ops ``x`` against measurements ``y``, and of a fitted linear correction."""
+    s, o = fit_line(x, y)
+    return {
+        "error_sum_of_ops": summary(rel_errors(x, y)),
+        "signed_bias_sum_of_ops": statistics.median([(a - b) / b for a, b in zip(x, y)]),
+        "fitted_correction": {"scale": s, "offset_ms": o},
+        "error_fitted_in_sample": summary(rel_errors([s * a + o for a in x], y)),
+        "error_fitted_leave_one_out": summary(loo_errors(x, y)) if len(x) > 2 else None,
+    }
 
 
 def measure(sn, arch: Arch, scenario: Scenario, repeats: int, steps: int) -> float:
@@ -101,22 +105,17 @@ def validate_scenario(sn, space, args, scenario_name: str, log) -> dict:
             f"[{arch.summary()}] {time.perf_counter() - t0:.0f}s")
     x = [p["predicted_sum_ms"] for p in points]
     y = [p["measured_ms"] for p in points]
-    s, o = fit_line(x, y)
     out = {
         "table": {"path": lm.table.header.get("path"), "method": lm.table.header.get("method"),
                   "estimate": lm.table.is_estimate, "date": lm.table.header.get("date"),
                   "correction_in_table": lm.table.correction},
         "scenario": scenario.header(),
         "points": points,
-        "error_sum_of_ops": summary(rel_errors(x, y)),
         "error_table_prediction": summary(rel_errors([p["predicted_table_ms"] for p in points], y)),
-        "fitted_correction": {"scale": s, "offset_ms": o},
-        "error_fitted_in_sample": summary(rel_errors([s * a + o for a in x], y)),
-        "error_fitted_leave_one_out": summary(loo_errors(x, y)) if len(x) > 2 else None,
-        "signed_bias_sum_of_ops": statistics.median([(a - b) / b for a, b in zip(x, y)]),
+        **correction_report(x, y),
     }
     if args.write_correction and not lm.table.is_estimate and lm.table.header.get("path"):
-        lm.table.correction = {"scale": s, "offset_ms": o}
+        lm.table.correction = dict(out["fitted_correction"])
         lm.table.header.pop("path", None)
         path = out["table"]["path"]
         lm.table.header["correction_fit"] = {"script": "scripts/bench_latency_model.py", "subnets": len(points),
@@ -139,7 +138,7 @@ def speedups(sn, space, args, log) -> dict:
     for bits in (8, 4):
         if bits not in space.wbits or bits not in space.lm_head_bits:
             continue
-        arch = uniform_bits(space, bits)
+        arch = Arch.full(space, bits=bits)
         t = measure(sn, arch, scenario, args.repeats, args.steps)
         meas = t_base / t
         roof_pred = roof.predict_ms(base) / roof.predict_ms(arch)
@@ -191,18 +190,6 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def correction_report(x: list[float], y: list[float]) -> dict:
-    """Errors of the plain sum of ops ``x`` against measurements ``y``, and of a fitted linear correction."""
-    s, o = fit_line(x, y)
-    return {
-        "error_sum_of_ops": summary(rel_errors(x, y)),
-        "signed_bias_sum_of_ops": statistics.median([(a - b) / b for a, b in zip(x, y)]),
-        "fitted_correction": {"scale": s, "offset_ms": o},
-        "error_fitted_in_sample": summary(rel_errors([s * a + o for a in x], y)),
-        "error_fitted_leave_one_out": summary(loo_errors(x, y)) if len(x) > 2 else None,
-    }
 
 
 def main_llamacpp(args, out: Path, log) -> int:
@@ -281,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out if not args.quick or args.out != ap.get_default("out") else "results/bench_latency_model.quick.json")
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.refit and args.backend != "llamacpp":
+        ap.error("--refit re-analyses a --backend llamacpp output; pass --backend llamacpp")
     if args.backend == "llamacpp":
         return main_llamacpp(args, out.with_name(out.name.replace("bench_latency_model", "bench_latency_model.llamacpp")), log)
     t0 = time.perf_counter()

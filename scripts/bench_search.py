@@ -51,6 +51,33 @@ def step_times(history: list[dict]) -> dict:
     }
 
 
+def budget_row(target: float, result: dict, history: list[dict], measured_ms: float | None, measured_by: str | None,
+               wall_s: float, **extra) -> dict:
+    """One budget's figures from a search result (``SearchResult.summary()``, as ``search.json`` stores it)."""
+    pred = result["predicted_ms"]
+    return {
+        "target_ms": target,
+        **extra,
+        "predicted_ms": pred,
+        "argmax_predicted_ms": result["argmax_predicted_ms"],
+        "measured_ms": measured_ms,
+        "measured_by": measured_by,
+        "predicted_vs_target": pred / target - 1,
+        "measured_vs_target": None if measured_ms is None else measured_ms / target - 1,
+        "measured_vs_predicted": None if measured_ms is None else measured_ms / pred - 1,
+        "meets_target_predicted": result["meets_budget"],
+        "meets_target_measured": None if measured_ms is None else measured_ms <= target,
+        "predicted_mb": result["predicted_mb"],
+        "val_kd": result["val_kd"],
+        "arch": result["arch"],
+        "steps": result["steps"],
+        "stop_reason": result["stop_reason"],
+        "repair_moves": len(result["repair_moves"]),
+        "search_wall_s": wall_s,
+        "step_time": step_times(history),
+    }
+
+
 def from_run(run: Path, out: Path) -> dict:
     """The benchmark's figures read from an ``archquant-run`` folder (its searches and its measured front)."""
     import json
@@ -65,27 +92,8 @@ def from_run(run: Path, out: Path) -> dict:
         s = json.loads((Path(folder) / "search.json").read_text())
         res, target = s["result"], s["budget"]["latency_ms"]
         point = next((p for p in points.values() if p.get("run_dir") == str(folder)), {})
-        measured = point.get("measured_ms")
-        budgets.append({
-            "target_ms": target,
-            "predicted_ms": res["predicted_ms"],
-            "argmax_predicted_ms": res["argmax_predicted_ms"],
-            "measured_ms": measured,
-            "measured_by": point.get("measured_by"),
-            "predicted_vs_target": res["predicted_ms"] / target - 1,
-            "measured_vs_target": None if measured is None else measured / target - 1,
-            "measured_vs_predicted": None if measured is None else measured / res["predicted_ms"] - 1,
-            "meets_target_predicted": res["meets_budget"],
-            "meets_target_measured": None if measured is None else measured <= target,
-            "ppl": point.get("ppl"),
-            "val_kd": res["val_kd"],
-            "arch": res["arch"],
-            "steps": res["steps"],
-            "stop_reason": res["stop_reason"],
-            "repair_moves": len(res["repair_moves"]),
-            "search_wall_s": res["wall_s"],
-            "step_time": step_times(s["history"]),
-        })
+        budgets.append(budget_row(target, res, s["history"], point.get("measured_ms"), point.get("measured_by"),
+                                  res["wall_s"], ppl=point.get("ppl")))
     record = {
         "header": {**rec["header"], "from_run": str(run)},
         "source": "archquant-run folder (searches + measured Pareto points)",
@@ -155,29 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - t1
         model = materialize(ctx.build_supernet(), Arch.from_dict(res.arch.to_dict()))
         measured = measure_latency(model, cfg.latency, **measure_ctx)
-        runs.append(
-            {
-                "fraction": frac,
-                "target_ms": target,
-                "predicted_ms": res.predicted_ms,
-                "argmax_predicted_ms": res.argmax_predicted_ms,
-                "measured_ms": measured.ms,
-                "measured_by": measured.method,
-                "predicted_vs_target": res.predicted_ms / target - 1,
-                "measured_vs_target": measured.ms / target - 1,
-                "measured_vs_predicted": measured.ms / res.predicted_ms - 1,
-                "meets_target_predicted": res.meets_budget,
-                "meets_target_measured": measured.ms <= target,
-                "predicted_mb": res.predicted_mb,
-                "val_kd": res.val_kd,
-                "arch": res.arch.summary(),
-                "steps": res.steps,
-                "stop_reason": res.stop_reason,
-                "repair_moves": len(res.repair_moves),
-                "search_wall_s": wall,
-                "step_time": step_times(res.history),
-            }
-        )
+        runs.append(budget_row(target, res.summary(), res.history, measured.ms, measured.method, wall, fraction=frac))
         print(f"budget {target:.3f} ms: predicted {res.predicted_ms:.3f}, measured {measured.ms:.3f} ms, "
               f"{res.steps} steps in {wall:.1f} s ({res.stop_reason})", flush=True)
     # timed again after the searches: a load spike from other processes only ever adds time, so the

@@ -239,10 +239,7 @@ def uniform_points(ctx, bits_list) -> list[ParetoPoint]:
                 f"pareto.uniform_bits has {b}, which the space cannot express (space.wbits={list(ctx.space.wbits)}, "
                 f"lm_head bits {list(ctx.space.lm_head_bits)} after the {ctx.cfg.latency.backend} backend's rules)"
             )
-        arch = Arch.full(ctx.space)
-        arch.lm_head_bits = b
-        for la in arch.layers:
-            la.wbits = {k: b for k in la.wbits}
+        arch = Arch.full(ctx.space, bits=b)
         ms, mb = ctx.latency_model.predict_ms(arch), ctx.latency_model.predict_mb(arch)
         out.append(ParetoPoint(name=f"uniform-w{b}", source="uniform", arch=arch.to_dict(), predicted_ms=ms,
                                predicted_mb=mb, memory_mb=mb))

@@ -84,9 +84,16 @@ class Arch:
         )
 
     @classmethod
-    def full(cls, space: Space) -> Arch:
-        """The widest, most precise subnet of the space (the original model when the space allows)."""
-        return cls.from_choices(space, {})
+    def full(cls, space: Space, bits: int | None = None) -> Arch:
+        """The widest, most precise subnet of the space (the original model when the space allows).
+
+        Args:
+            bits: put every linear and the lm_head at these weight bits instead (full width and depth:
+                plain uniform quantisation); ``ArchError`` when the space has no such choice.
+        """
+        if bits is None:
+            return cls.from_choices(space, {})
+        return cls.from_choices(space, {n: int(bits) for n in space.gates() if n == "lm_head.wbits" or ".wbits." in n})
 
     @classmethod
     def random(cls, space: Space, rng: random.Random | int = 0) -> Arch:

@@ -26,6 +26,17 @@ def _take(t: torch.Tensor, sel: Sel, dim: int) -> torch.Tensor:
     return t.index_select(dim, sel.to(t.device))
 
 
+def _class_ranges(bits: list[int], classes: list[int]) -> dict[int, tuple[int, int]]:
+    """``class -> (lo, hi)``: the bits choices of each activation class, a contiguous range of the gate."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for i, c in enumerate(classes):
+        lo, hi = ranges.get(c, (i, i))
+        if hi != i:
+            raise ValueError(f"bits choices {bits} of one activation class must be adjacent: {classes}")
+        ranges[c] = (lo, i + 1)
+    return ranges
+
+
 def as_sel(index: torch.Tensor, full: int) -> Sel:
     """Simplest selector for an index list: ``None`` (everything), a prefix length, or the list."""
     n = index.numel()
@@ -70,6 +81,7 @@ class ElasticLinear(nn.Module):
         self.group_size = group_size
         self.backend = backend
         self.classes = list(classes)
+        self.class_ranges = _class_ranges(self.bits, self.classes)
         self.fixed_bits: int | None = None
         self.out_sel: Sel = None
         self.in_sel: Sel = None
@@ -160,20 +172,10 @@ class ElasticLinear(nn.Module):
         )
         stack = _take(_take(stack, out_sub, 1), in_sub, 2)
         y = None
-        for c, (lo, hi) in self._class_ranges().items():
+        for c, (lo, hi) in self.class_ranges.items():
             term = self._mixed_term(xs[c], stack, pi, lo, hi)
             y = term if y is None else y + term
         return y if bias is None else y + bias
-
-    def _class_ranges(self) -> dict[int, tuple[int, int]]:
-        """``class -> (lo, hi)``: the bits choices of each activation class, a contiguous range of the gate."""
-        ranges: dict[int, tuple[int, int]] = {}
-        for i, c in enumerate(self.classes):
-            lo, hi = ranges.get(c, (i, i))
-            if hi != i:
-                raise ValueError(f"bits choices {self.bits} of one activation class must be adjacent: {self.classes}")
-            ranges[c] = (lo, i + 1)
-        return ranges
 
     def _mixed_term(self, x: torch.Tensor, stack: torch.Tensor, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """``x (sum_{k in lo:hi} pi_k Q_k)^T``, mixing weights or outputs, whichever moves fewer bytes.
