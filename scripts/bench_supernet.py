@@ -9,12 +9,18 @@ by default). Variants, timed interleaved in one process so that machine noise hi
   * ``vectorized+weights``: the same with trainable shared weights (quantisers recomputed every step);
   * ``naive``: one forward per candidate branch, outputs mixed (``Supernet.mode = "naive"``).
 
+The naive step keeps every branch's activations for the backward (about 0.8 GB per SmolLM2 block at
+B=4, S=256: all 30 blocks would need ~28 GB), so it runs in a second phase on the first
+``--naive-layers`` blocks (default 12), timed interleaved with the vectorised step at that same depth:
+``naive/vectorized`` compares like with like (the ratio at 30 blocks is then not measured).
+
 Peak memory: on CPU each variant also runs in a fresh subprocess that reports its resident-set size
 before a step (after a warm-up step built the caches) and its peak (``VmHWM``); on CUDA,
 ``torch.cuda.max_memory_allocated``.
 Prints a table and writes ``results/bench_supernet.json`` (``--quick``: ``bench_supernet.quick.json``).
 
-    python scripts/bench_supernet.py                 # full run (CPU: ~15-30 minutes, naive dominates)
+    python scripts/bench_supernet.py                 # full run (CPU: ~8 minutes here)
+    python scripts/bench_supernet.py --naive-layers 0  # naive on all blocks too (needs ~28 GB at B=4 S=256)
     python scripts/bench_supernet.py --quick         # smoke check: 2 blocks, B=1, S=64, 1 step
     python scripts/bench_supernet.py --variants dense,vectorized --steps 5
 """
@@ -22,6 +28,7 @@ Prints a table and writes ``results/bench_supernet.json`` (``--quick``: ``bench_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -54,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--naive-layers", type=int, default=12,
+                   help="blocks for the naive-vs-vectorised phase (0 = as many as --layers)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--hard", action="store_true", help="straight-through one-hot samples (same cost as soft)")
@@ -67,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.layers = args.layers or 2
         args.batch, args.seq, args.steps = 1, 64, 1
+    if args.naive_layers < 0:
+        p.error(f"--naive-layers must be >= 0, got {args.naive_layers}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -132,8 +143,22 @@ def make_steps(model, args) -> dict:
                               ("naive", "naive", False)):
         if name in args.variants:
             steps[name] = sn_step(mode, train)
-    info = {"open_gates": len(sn.open_gates()) if sn else None, "space": sn.space.describe() if sn else None}
+    info = {"open_gates": len(sn.open_gates()) if sn else None, "space": sn.space.describe() if sn else None,
+            "supernet": sn}
     return steps, info
+
+
+def quant_cache_mb(sn) -> float:
+    """Bytes held by the supernet's cached quantised weight copies (the stacks ``[K, N, K_in]``)."""
+    from archquant.supernet.linear import ElasticLinear
+
+    seen, total = set(), 0
+    for m in sn.modules():
+        if isinstance(m, ElasticLinear) and id(m._cache) not in seen:
+            seen.add(id(m._cache))
+            tensors = ([m._cache.stack] if m._cache.stack is not None else []) + list(m._cache.single.values())
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total / 1e6
 
 
 def _sync(device: str) -> None:
@@ -169,24 +194,57 @@ def child_memory(args) -> None:
     torch.set_num_threads(args.threads)
     model = load(args)
     args.variants = [args.child_memory]
-    steps, _ = make_steps(model, args)
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    steps, info = make_steps(model, args)
     steps[args.child_memory]()  # warm-up: builds the quantisation caches
     setup = _status_mb("VmRSS")
     steps[args.child_memory]()
     peak = _status_mb("VmHWM")
-    print(json.dumps({"rss_before_step_mb": round(setup, 1), "peak_rss_mb": round(peak, 1)}))
+    out = {"rss_before_step_mb": round(setup, 1), "peak_rss_mb": round(peak, 1), "weights_mb": round(weights_mb, 1)}
+    if info["supernet"] is not None:
+        out["quant_cache_mb"] = round(quant_cache_mb(info["supernet"]), 1)
+    print(json.dumps(out))
 
 
-def memory_cpu(args, argv) -> dict[str, dict]:
+def memory_cpu(variants: list[str], layers: int, argv: list[str]) -> dict[str, dict]:
+    """Each variant's memory, measured in a fresh subprocess on the first ``layers`` blocks."""
+    base = [a for a in argv if a != "--no-memory"]
     out = {}
-    for v in args.variants:
-        cmd = [sys.executable, __file__, *argv, "--child-memory", v]
+    for v in variants:
+        cmd = [sys.executable, __file__, *base, "--layers", str(layers), "--child-memory", v]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            out[v] = {"error": proc.stderr.strip()[-500:]}
+            why = "killed (out of memory?)" if proc.returncode in (-9, 137) else proc.stderr.strip()[-500:]
+            out[v] = {"error": f"exit {proc.returncode}: {why}"}
             continue
         out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
+
+
+def run_phase(args, variants: list[str], layers: int, argv: list[str]) -> dict:
+    """Measure ``variants``' memory (CPU: fresh subprocesses, first, while this process holds nothing),
+    then load the model on ``layers`` blocks and time them interleaved."""
+    phase_args = argparse.Namespace(**{**vars(args), "variants": variants, "layers": layers})
+    memory = {}
+    if not args.device.startswith("cuda") and not args.no_memory:
+        memory = memory_cpu(variants, layers, argv)
+    model = load(phase_args)
+    blocks = model.config.num_hidden_layers
+    steps, info = make_steps(model, phase_args)
+    if args.device.startswith("cuda"):
+        for name, fn in steps.items():
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            memory[name] = {"peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 1e6, 1)}
+    times = time_steps(steps, phase_args)
+    info.pop("supernet")
+    del steps, model
+    gc.collect()
+    return {"blocks": blocks, "times": times, "memory": memory, "info": info}
+
+
+def _step_table(times: dict) -> dict:
+    return {k: {"median": round(statistics.median(v), 4), "all": [round(t, 4) for t in v]} for k, v in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -196,55 +254,60 @@ def main(argv=None) -> dict:
         child_memory(args)
         return {}
     torch.set_num_threads(args.threads)
-    model = load(args)
-    steps, info = make_steps(model, args)
-    if args.device.startswith("cuda"):
-        memory = {}
-        for name, fn in steps.items():
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            memory[name] = {"peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 1e6, 1)}
-    times = time_steps(steps, args)
-    if not args.device.startswith("cuda"):
-        memory = {} if args.no_memory else memory_cpu(args, [a for a in argv if a != "--no-memory"])
-    med = {k: statistics.median(v) for k, v in times.items()}
+    phases = {}
+    main_variants = [v for v in args.variants if v != "naive"]
+    if main_variants:
+        phases["main"] = run_phase(args, main_variants, args.layers, argv)
+    if "naive" in args.variants:
+        full = phases["main"]["blocks"] if "main" in phases else args.layers
+        depth = args.naive_layers if args.naive_layers and (not full or args.naive_layers < full) else full
+        phases["naive"] = run_phase(args, ["vectorized", "naive"], depth, argv)
+
+    med = {f"{ph}:{k}": statistics.median(v) for ph, r in phases.items() for k, v in r["times"].items()}
     ratios = {}
-    if "dense" in med and "vectorized" in med:
-        ratios["vectorized/dense"] = med["vectorized"] / med["dense"]
-    if "dense" in med and "vectorized+weights" in med:
-        ratios["vectorized+weights/dense"] = med["vectorized+weights"] / med["dense"]
-    if "vectorized" in med and "naive" in med:
-        ratios["naive/vectorized"] = med["naive"] / med["vectorized"]
+    if "main:dense" in med and "main:vectorized" in med:
+        ratios["vectorized/dense"] = med["main:vectorized"] / med["main:dense"]
+    if "main:dense" in med and "main:vectorized+weights" in med:
+        ratios["vectorized+weights/dense"] = med["main:vectorized+weights"] / med["main:dense"]
+    if "naive:naive" in med:
+        ratios["naive/vectorized"] = med["naive:naive"] / med["naive:vectorized"]
     goals = {}
     for key, (op, bound) in GOALS.items():
         if key in ratios:
             goals[key] = {"goal": f"{op} {bound}", "value": round(ratios[key], 3),
                           "met": ratios[key] <= bound if op == "<=" else ratios[key] >= bound}
-    cfg = model.config
+    first = next(iter(phases.values()))
     result = {
-        "version": 1,
+        "version": 2,
         "header": run_header(args.device, model=args.model if not args.random_weights else "smollm2-135m-shapes-random",
                              dtype="float32"),
         "command": "python scripts/bench_supernet.py " + " ".join(argv),
         "setup": {
-            "batch": args.batch, "seq": args.seq, "threads": args.threads, "blocks": cfg.num_hidden_layers,
-            "steps": args.steps, "tau": args.tau, "hard": args.hard, "open_gates": info["open_gates"],
-            "space": info["space"], "step": "forward + next-token cross-entropy + backward, fp32",
+            "batch": args.batch, "seq": args.seq, "threads": args.threads,
+            "blocks": phases["main"]["blocks"] if "main" in phases else None,
+            "naive_blocks": phases["naive"]["blocks"] if "naive" in phases else None,
+            "steps": args.steps, "tau": args.tau, "hard": args.hard, "open_gates": first["info"]["open_gates"],
+            "space": first["info"]["space"], "step": "forward + next-token cross-entropy + backward, fp32",
             "dense": "HF LlamaForCausalLM, weights trainable",
             "vectorized": "supernet, all gates open (Gumbel-Softmax sample), weights frozen, grads to gate logits",
             "naive": "one forward per branch: per linear one matmul per (act bits, weight bits); MLP per width; "
                      "attention per head-count choice; hidden size kept as a mask",
         },
-        "step_s": {k: {"median": round(med[k], 4), "all": [round(t, 4) for t in v]} for k, v in times.items()},
+        "step_s": _step_table(phases["main"]["times"]) if "main" in phases else {},
+        "memory": phases["main"]["memory"] if "main" in phases else {},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "goals": goals,
-        "memory": memory,
     }
-    print(f"{'variant':<20} {'median s/step':>14} {'memory':>30}")
-    for k in times:
-        mem = memory.get(k, {})
-        mem_s = ", ".join(f"{a}={b}" for a, b in mem.items()) if mem else "-"
-        print(f"{k:<20} {med[k]:>14.3f} {mem_s:>30}")
+    if "naive" in phases:
+        ph = phases["naive"]
+        result["naive_phase"] = {"blocks": ph["blocks"], "step_s": _step_table(ph["times"]), "memory": ph["memory"]}
+
+    print(f"{'phase':<12} {'variant':<20} {'median s/step':>14}   memory")
+    for name, ph in phases.items():
+        for k, v in ph["times"].items():
+            mem = ph["memory"].get(k, {})
+            mem_s = ", ".join(f"{a}={b}" for a, b in mem.items()) if mem else "-"
+            print(f"{name + ' (' + str(ph['blocks']) + ')':<12} {k:<20} {statistics.median(v):>14.3f}   {mem_s}")
     for k, v in ratios.items():
         goal = goals.get(k)
         print(f"{k:<26} {v:6.2f}" + (f"   goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'}" if goal else ""))
