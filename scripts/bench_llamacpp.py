@@ -1,8 +1,13 @@
 """The original Q4_1 GGUF and compressed subnets, served by llama.cpp on this CPU: speed, size, quality.
 
-For each point: decode ms/token (context C) and prefill ms (S tokens) timed in llama.cpp (minimum
-and median of the samples), GGUF file size, WikiText-2 perplexity and a zero-shot subset scored on
-llama.cpp's own logits, and the latency the committed llama.cpp tables predict.
+For each point: decode ms/token (context C) and prefill ms (S tokens) timed in llama.cpp, GGUF file
+size, WikiText-2 perplexity and a zero-shot subset scored on llama.cpp's own logits, and the latency
+the committed llama.cpp tables predict.
+
+Timing runs after every point is evaluated, in ``--rounds`` interleaved rounds (each round loads every
+file once, in a rotated order) so that the machine's drift hits all points alike: a point's figure is
+the median over rounds of each session's minimum (the latency tables' statistic), and ratios between
+points are measured in the same minutes.
 
     python scripts/bench_llamacpp.py --pareto runs/x/pareto.json       # the search's front
     python scripts/bench_llamacpp.py --archs a/arch.json b/arch.json   # given architectures
@@ -84,8 +89,7 @@ def _for_llamacpp(arch, space):
 
 
 def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
-    """Timing, size, perplexity and zero-shot accuracy of one GGUF in llama.cpp."""
-    from archquant.backends.llamacpp.profiler import time_gguf
+    """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions."""
     from archquant.backends.llamacpp.runtime import LlamaCppLM, LlamaCppRunner
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
@@ -93,10 +97,7 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     from archquant.evaluation.zero_shot import zero_shot
 
     out = {"file": str(path), "file_mb": round(path.stat().st_size / 1e6, 2)}
-    for name, scen in tables["scenarios"].items():
-        res = time_gguf(path, scen, threads=args.threads)
-        out[f"{name}_ms"] = round(res["ms"], 3)
-        out[f"{name}_median_ms"] = round(res["median"], 3)
+    for name in tables["scenarios"]:
         lm = tables["models"].get(name)
         if lm is not None and arch is not None:
             out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
@@ -115,6 +116,33 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     return out
 
 
+def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: int) -> None:
+    """Time every row's ``file`` in ``rounds`` rounds, rotating the order; adds ``{scenario}_ms`` (median over
+    rounds of the session minimum), ``{scenario}_median_ms`` (all samples) and ``{scenario}_rounds_ms``."""
+    import statistics
+
+    from tqdm import tqdm
+
+    from archquant.backends.llamacpp.profiler import time_gguf
+
+    mins = {(i, s): [] for i in range(len(rows)) for s in scenarios}
+    samples = {k: [] for k in mins}
+    bar = tqdm(total=rounds * len(rows) * len(scenarios), desc="llama.cpp timing", unit="session")
+    for r in range(rounds):
+        for j in range(len(rows)):
+            i = (j + r) % len(rows)
+            for name, scen in scenarios.items():
+                res = time_gguf(rows[i]["file"], scen, threads=threads)
+                mins[i, name].append(res["ms"])
+                samples[i, name].extend(res["samples"])
+                bar.update()
+    bar.close()
+    for (i, name), v in mins.items():
+        rows[i][f"{name}_ms"] = round(statistics.median(v), 3)
+        rows[i][f"{name}_median_ms"] = round(statistics.median(samples[i, name]), 3)
+        rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in v]
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -130,7 +158,7 @@ def _plot(rows: list[dict], path: Path) -> None:
             ax.scatter(r[key], r["wikitext2_ppl"], s=20 + r["file_mb"], marker="*" if orig else "o",
                        color="tab:red" if orig else "tab:blue", alpha=0.8)
             ax.annotate(r["name"], (r[key], r["wikitext2_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(f"llama.cpp {label} (min of samples)")
+        ax.set_xlabel(f"llama.cpp {label} (median of session minima)")
         ax.set_ylabel("WikiText-2 perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -157,10 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy"])
     ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one session per file each)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 ppl windows, 20 rows of PIQA only")
     args = ap.parse_args(argv)
     if args.quick:
-        args.ppl_windows, args.limit, args.tasks = 2, 20, ["piqa"]
+        args.ppl_windows, args.limit, args.tasks, args.rounds = 2, 20, ["piqa"], 2
     args.ppl_windows = args.ppl_windows or None
     torch.set_num_threads(args.threads)
 
@@ -194,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         if paths:
             models[name] = LatencyModel(space, LatencyTable.load(paths[0]), backend)
     tables = {"scenarios": scen, "models": models}
-    header = run_header(threads=args.threads, statistic="min of samples (median also recorded)",
+    header = run_header(threads=args.threads, rounds=args.rounds,
+                        statistic="median over interleaved rounds of each session's minimum (median of all samples also recorded)",
                         tables={k: m.table.header.get("path") for k, m in models.items()},
                         latency=dataclasses.asdict(LatencyConfig(backend="llamacpp", context=args.context,
                                                                  prefill_len=args.prefill_len)))
@@ -221,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row["arch"] = arch.summary()
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "zero_shot"}))
+        time_interleaved(rows, scen, args.rounds, args.threads)
+        for row in rows:
+            print(f"{row['name']:<24} " + "  ".join(f"{n} {row[n + '_ms']:.2f} ms" for n in scen))
     stem = "bench_llamacpp.quick" if args.quick else "bench_llamacpp"
     result = {"header": header, "points": rows}
     atomic_write_json(ROOT / "results" / f"{stem}.json", result)

@@ -207,3 +207,42 @@ def test_missing_llama_cpp_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(runtime.LlamaCppMissingError, match=r"pip install llama-cpp-python==0\.3\.36"):
         runtime.require_llama_cpp()
+
+
+def test_materialised_gguf_types_survive_export_and_reload(tiny, tmp_path):
+    """A subnet materialised with Q4_1 for 4 bits exports Q4_1 and reloads with the Q4_1 quantiser."""
+    from transformers import AutoModelForCausalLM
+
+    from archquant.backends.llamacpp import LlamaCppBackend
+
+    model, tok = tiny
+    cfg = SpaceConfig(width_multiple=32, group_size=32)
+    sn = build(model, cfg, backend=LlamaCppBackend({4: "Q4_1"}))
+    sub = materialize(sn, Arch.full(sn.space, bits=4))
+    assert sub.config.quant["backend_options"]["types"]["4"] == "Q4_1"
+    q = sub.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.quantized_weight(), quant.weight_as_type(q.weight, "Q4_1"), rtol=0, atol=0)
+
+    assert plan_gguf(sub).layers[0].types["q"] == "Q4_1"
+    assert plan_gguf(sub, types={4: "Q4_0"}).layers[0].types["q"] == "Q4_0"  # an explicit map still wins
+    info = check_gguf(export_gguf(sub, tmp_path / "q41.gguf", tokenizer=tok))
+    assert info["types"]["blk.0.attn_q.weight"] == "Q4_1" and info["types"]["blk.2.ffn_down.weight"] == "Q4_1"
+
+    sub.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, sub(ids).logits, rtol=0, atol=1e-6)
+        default = materialize(build(model, cfg, backend="llamacpp"), Arch.full(sn.space, bits=4))
+        assert "types" in default.config.quant["backend_options"]
+        assert (default(ids).logits - sub(ids).logits).abs().max() > 1e-3  # Q4_0 != Q4_1: the record matters
+
+
+def test_backend_options_that_do_not_fit_fail_clearly():
+    from archquant.backends.base import BackendError, get_backend
+
+    assert get_backend("llamacpp", {"types": {"4": "Q4_1"}}).types[4] == "Q4_1"
+    with pytest.raises(BackendError, match="does not take the options"):
+        get_backend("torch", {"types": {"4": "Q4_1"}})
+    with pytest.raises(BackendError, match="4-bit weights can be"):
+        get_backend("llamacpp", {"types": {"4": "Q5_0"}})

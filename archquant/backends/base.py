@@ -53,6 +53,11 @@ class Backend:
         """Return the space config with choices the engine cannot run removed (default: unchanged)."""
         return space_config
 
+    def options(self) -> dict:
+        """JSON-serialisable constructor arguments that rebuild this backend (``get_backend(name, options)``);
+        a materialised model records them so that its reloaded layers quantise the same way."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -78,10 +83,13 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
-def get_backend(name: str) -> Backend:
-    """Instantiate a backend by name (``torch``, ``triton``, ``llamacpp``)."""
+def get_backend(name: str, options: dict | None = None) -> Backend:
+    """Instantiate a backend by name (``torch``, ``triton``, ``llamacpp``) with its ``options()``."""
     if name == "llamacpp" and name not in _REGISTRY:
         import archquant.backends.llamacpp  # noqa: F401  (registers itself)
     if name not in _REGISTRY:
         raise BackendError(f"latency.backend={name!r} is unknown; choose one of {sorted(_REGISTRY) + ['llamacpp']}")
-    return _REGISTRY[name]()
+    try:
+        return _REGISTRY[name](**(options or {}))
+    except TypeError as err:
+        raise BackendError(f"backend {name!r} does not take the options {options}: {err}") from None

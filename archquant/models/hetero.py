@@ -46,7 +46,8 @@ class ArchQuantConfig(PreTrainedConfig):
             ``layer_head_dim / 2``), or ``None`` for the first ``layer_head_dim / 2`` pairs in order.
         linear_bias: ``{"q": bool, ..., "down": bool}`` which linears have a bias (Qwen2: q/k/v).
         quant: ``{"backend": name, "group_size": g, "layers": [{"wbits": {"q": b, ...}, "abits": a}, ...],
-            "lm_head_bits": b}``; absent means 16 bits everywhere.
+            "lm_head_bits": b, "backend_options": {...}}``; absent means 16 bits everywhere
+            (``backend_options``: the backend's ``options()``, e.g. llama.cpp's GGUF types).
         base_model: dimensions of the model the subnet was cut from (``space.model_fingerprint``).
     """
 
@@ -124,6 +125,10 @@ class ArchQuantConfig(PreTrainedConfig):
         return (self.quant or {}).get("backend", "torch")
 
     @property
+    def quant_backend_options(self) -> dict:
+        return dict((self.quant or {}).get("backend_options") or {})
+
+    @property
     def quant_group_size(self) -> int:
         return int((self.quant or {}).get("group_size", 64))
 
@@ -185,9 +190,10 @@ class QuantLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, wbits: int = 16, abits: int = 16,
-                 group_size: int = 64, backend: str = "torch") -> None:
+                 group_size: int = 64, backend: str = "torch", backend_options: dict | None = None) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.wbits, self.abits, self.group_size, self.backend_name = int(wbits), int(abits), int(group_size), backend
+        self.backend_options = dict(backend_options or {})
         self._backend = None
         self._qkey = None
         self._qweight = None
@@ -197,7 +203,7 @@ class QuantLinear(nn.Linear):
         if self._backend is None:
             from archquant.backends.base import get_backend
 
-            self._backend = get_backend(self.backend_name)
+            self._backend = get_backend(self.backend_name, self.backend_options)
         return self._backend
 
     def quantized_weight(self) -> torch.Tensor:
@@ -231,7 +237,8 @@ def _qlinear(
     config: ArchQuantConfig, name: str, n_in: int, n_out: int, wbits: dict[str, int], abits: int
 ) -> QuantLinear:
     return QuantLinear(n_in, n_out, bias=bool(config.linear_bias.get(name, False)), wbits=wbits[name], abits=abits,
-                       group_size=config.quant_group_size, backend=config.quant_backend)
+                       group_size=config.quant_group_size, backend=config.quant_backend,
+                       backend_options=config.quant_backend_options)
 
 
 class ArchQuantAttention(nn.Module):
@@ -396,7 +403,8 @@ class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
         self.model = ArchQuantModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, bias=False, wbits=config.lm_head_bits,
-                                   abits=16, group_size=config.quant_group_size, backend=config.quant_backend)
+                                   abits=16, group_size=config.quant_group_size, backend=config.quant_backend,
+                                   backend_options=config.quant_backend_options)
         self.post_init()
 
     def forward(

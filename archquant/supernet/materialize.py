@@ -61,6 +61,7 @@ def subnet_config(sn: Supernet, arch: Arch) -> ArchQuantConfig:
             "group_size": arch.group_size,
             "layers": [{"wbits": dict(arch.layers[l].wbits), "abits": arch.layers[l].abits} for l in kept],
             "lm_head_bits": arch.lm_head_bits,
+            **({"backend_options": opts} if (opts := sn.backend.options()) else {}),
         },
         base_model=dict(fp),
     )

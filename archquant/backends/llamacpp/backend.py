@@ -61,6 +61,9 @@ class LlamaCppBackend(Backend):
     def __init__(self, types: dict[int, str] | None = None) -> None:
         self.types = resolve_types(types)
 
+    def options(self) -> dict:
+        return {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
+
     def gguf_type(self, bits: int) -> str:
         """The GGUF tensor type that stores ``bits``-bit weights."""
         bits = int(bits)

@@ -172,14 +172,18 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
     Args:
         model: a causal LM with Llama module names (``model.embed_tokens``, ``model.layers[i].self_attn.q_proj``,
             ..., ``lm_head``); per-layer shapes are read from the weights, bits from ``config.quant``.
-        types: ``bits -> GGUF type`` (see ``LlamaCppBackend``).
+        types: ``bits -> GGUF type`` (see ``LlamaCppBackend``); default: the types the model was
+            materialised with (``config.quant["backend_options"]``), else ``DEFAULT_TYPES``.
         arch: force ``llama`` or ``deci`` (default: ``llama`` when uniform and no block skipped).
 
     Raises:
         GGUFExportError: naming the layer, tensor and search decision that GGUF cannot represent.
     """
-    types = resolve_types(types)
     cfg = model.config
+    qrec = _quant_record(cfg)
+    if types is None and (qrec or {}).get("backend") == "llamacpp":
+        types = (qrec.get("backend_options") or {}).get("types")  # the types the model was materialised with
+    types = resolve_types(types)
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
         raise GGUFExportError(
@@ -192,7 +196,6 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
     if not blocks:
         raise GGUFExportError("the model has no decoder blocks; keep at least one (every layers.*.keep is 0)")
     sources, n_src = _layer_sources(cfg, len(blocks))
-    qrec = _quant_record(cfg)
     qlayers = (qrec or {}).get("layers")
     if qlayers is not None and len(qlayers) != len(blocks):
         raise GGUFExportError(f"config.quant has {len(qlayers)} layer records but the model has {len(blocks)} blocks")
