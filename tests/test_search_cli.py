@@ -153,6 +153,10 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible):
     points = [p for p in points if p is not twins[1]]
     for p in points:
         assert p.measured_ms > 0 and p.ppl > 1 and "torch" in p.measured_by
+        assert "3 interleaved rounds" in p.measured_by and len(p.extra["measurement"]["samples"]) == 3
+    again, _ = pareto_job(cfg, ctx=ctx)  # quality from the cache, latency timed afresh with the others
+    assert {p.name: p.ppl for p in again} == {p.name: p.ppl for p in points + [twins[1]]}
+    assert all(p.measured_ms > 0 for p in again)
     rec = json.loads((tmp_path / "pareto.json").read_text())
     assert set(rec["front"]) == {p.name for p in front} and rec["metric"] == "ppl"
     assert (tmp_path / "pareto.png").exists()

@@ -9,7 +9,7 @@ from omegaconf.errors import ConfigKeyError
 
 from archquant.cli import CONFIG_DIR
 from archquant.config import register_configs, to_object
-from archquant.search.config import BudgetConfig, RunConfig, SearchConfig, SloConfig
+from archquant.search.config import BudgetConfig, ParetoConfig, RunConfig, SearchConfig, SloConfig
 
 
 def _compose(overrides):
@@ -38,6 +38,7 @@ def _compose(overrides):
         (lambda: RunConfig(budget_fractions=[0.5, 1.5]), "run.budget_fractions"),
         (lambda: RunConfig(budgets_ms=[10, -1]), "run.budgets_ms"),
         (lambda: RunConfig(slo_fraction=0), "run.slo_fraction"),
+        (lambda: ParetoConfig(timing_rounds=0), "pareto.timing_rounds"),
     ],
 )
 def test_bad_values_fail_naming_the_key(make, key):

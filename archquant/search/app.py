@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -152,39 +153,49 @@ def _eval_key(cfg) -> dict[str, Any]:
         "ppl": [cfg.data.ppl_file, cfg.eval.ppl_seq_len, cfg.eval.ppl_max_windows],
         "zero_shot": [cfg.pareto.zero_shot, list(cfg.eval.tasks), cfg.eval.limit],
         "device": device_name(cfg.latency.device),
+        "cached": "quality",  # point.json holds ppl / zero-shot only; latency is timed with the other points
     }
 
 
-def evaluate_point(point: ParetoPoint, cfg, ctx, supernet) -> ParetoPoint:
-    """Measure a point's latency in the serving backend, its held-out perplexity and (optionally) zero-shot accuracy.
+def evaluate_point(point: ParetoPoint, cfg, ctx, supernet, timers: dict | None = None, workdir: Path | None = None
+                   ) -> ParetoPoint:
+    """A point's held-out perplexity and (optionally) zero-shot accuracy; its latency is timed with the others.
 
-    A search run folder caches the result in ``point.json`` (reused when the settings match).
+    With ``timers`` (and ``pareto.measure``), a timer for the point is added under its name (see
+    ``measure.prepare_timer``; ``pareto_job`` runs them interleaved); without, it is timed here.
+    A search run folder caches the quality figures in ``point.json`` (reused when the settings match).
     """
     from archquant.data import resolve_data_path
     from archquant.evaluation.perplexity import perplexity
-    from archquant.search.measure import measure_latency
+    from archquant.search.measure import measure_latency, prepare_timer
     from archquant.supernet.arch import Arch
 
+    if point.source == "full":
+        model_fn = lambda: ctx.model  # noqa: E731
+    elif point.arch is not None:
+        from archquant.supernet import materialize
+
+        arch = Arch.from_dict(point.arch)
+        model_fn = lambda: materialize(supernet, arch).eval()  # noqa: E731
+    else:
+        return point  # a baseline without an architecture keeps what its file says
+    model = model_fn().eval()
+    values: dict[str, Any] = {}
+    if cfg.pareto.measure:
+        context = {"tokenizer": ctx.tokenizer, "source_gguf": ctx.gguf_source()}
+        if timers is None:
+            m = measure_latency(model, cfg.latency, **context)
+            values.update(measured_ms=m.ms, measured_by=m.method, extra={**point.extra, "measurement": m.to_dict()})
+        else:
+            timers[point.name] = prepare_timer(model_fn, cfg.latency, Path(workdir) / point.name, model=model, **context)
     key = _eval_key(cfg)
     cache = Path(point.run_dir) / "point.json" if point.run_dir else None
     if cache is not None and cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
-            log.info("%s: evaluation from %s", point.name, cache)
-            return dataclasses.replace(point, **saved["values"])
-    if point.source == "full":
-        model = ctx.model
-    elif point.arch is not None:
-        from archquant.supernet import materialize
-
-        model = materialize(supernet, Arch.from_dict(point.arch))
-    else:
-        return point  # a baseline without an architecture keeps what its file says
-    model.eval()
-    values: dict[str, Any] = {}
-    if cfg.pareto.measure:
-        m = measure_latency(model, cfg.latency, tokenizer=ctx.tokenizer, source_gguf=ctx.gguf_source())
-        values.update(measured_ms=m.ms, measured_by=m.method, extra={**point.extra, "measurement": m.to_dict()})
+            log.info("%s: quality from %s", point.name, cache)
+            return dataclasses.replace(point, **saved["values"], **values)
+    quality: dict[str, Any] = {}
     ppl_path = resolve_data_path(cfg.data, "ppl_file")
     ppl = perplexity(
         model,
@@ -194,7 +205,7 @@ def evaluate_point(point: ParetoPoint, cfg, ctx, supernet) -> ParetoPoint:
         max_windows=cfg.eval.ppl_max_windows,
         batch_size=cfg.eval.ppl_batch_size,
     )
-    values["ppl"] = float(ppl["ppl"])
+    quality["ppl"] = float(ppl["ppl"])
     if cfg.pareto.zero_shot and cfg.eval.tasks:
         from archquant.evaluation.zero_shot import headline_mean, zero_shot
 
@@ -202,15 +213,13 @@ def evaluate_point(point: ParetoPoint, cfg, ctx, supernet) -> ParetoPoint:
             model, ctx.tokenizer, cfg.eval.tasks, cfg.eval.limit, cfg.eval.batch_size, data_cfg=cfg.data,
             progress=cfg.eval.progress,
         )
-        values.update(zero_shot=res, accuracy=headline_mean(res))
-    point = dataclasses.replace(point, **values)
+        quality.update(zero_shot=res, accuracy=headline_mean(res))
+    point = dataclasses.replace(point, **quality, **values)
     log.info(
-        "%s: latency %.3f ms (%s), ppl %.3f%s", point.name, point.latency_ms or float("nan"),
-        "measured" if point.measured_ms is not None else "predicted", point.ppl,
-        "" if point.accuracy is None else f", accuracy {point.accuracy:.3f}",
+        "%s: ppl %.3f%s", point.name, point.ppl, "" if point.accuracy is None else f", accuracy {point.accuracy:.3f}"
     )
     if cache is not None:
-        atomic_write_json(cache, {"key": key, "values": values})
+        atomic_write_json(cache, {"key": key, "values": quality})
     return point
 
 
@@ -290,17 +299,34 @@ def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
     # two different "measured" latencies from timing noise
     done: dict[str, ParetoPoint] = {}
     evaluated = []
-    for p in points:
-        key = json.dumps(p.arch, sort_keys=True) if p.arch is not None else None
-        if key is not None and key in done:
-            src = done[key]
-            fields = ("measured_ms", "measured_by", "ppl", "accuracy", "zero_shot")
-            p = dataclasses.replace(p, **{f: getattr(src, f) for f in fields}, extra={**p.extra, "same_arch_as": src.name})
-        else:
-            p = evaluate_point(p, cfg, ctx, supernet)
-            if key is not None:
-                done[key] = p
-        evaluated.append(p)
+    timers: dict = {}
+    with tempfile.TemporaryDirectory(prefix="archquant-pareto-") as workdir:
+        for p in points:
+            key = json.dumps(p.arch, sort_keys=True) if p.arch is not None else None
+            if key is not None and key in done:
+                p = dataclasses.replace(p, extra={**p.extra, "same_arch_as": done[key].name})
+            else:
+                p = evaluate_point(p, cfg, ctx, supernet, timers, Path(workdir))
+                if key is not None:
+                    done[key] = p
+            evaluated.append(p)
+        if timers:
+            from archquant.search.measure import measure_interleaved
+
+            log.info("timing %d points in %d interleaved rounds (%s)", len(timers), cfg.pareto.timing_rounds,
+                     cfg.latency.backend)
+            measured = measure_interleaved(timers, cfg.pareto.timing_rounds, progress=cfg.eval.progress)
+            for i, p in enumerate(evaluated):
+                m = measured.get(p.extra.get("same_arch_as", p.name))
+                if m is not None:
+                    evaluated[i] = p = dataclasses.replace(
+                        p, measured_ms=m.ms, measured_by=m.method, extra={**p.extra, "measurement": m.to_dict()})
+                    log.info("%s: latency %.3f ms (measured)", p.name, p.measured_ms)
+    names = {p.name: p for p in evaluated}
+    for i, p in enumerate(evaluated):  # twins take their source's quality
+        src = names.get(p.extra.get("same_arch_as"))
+        if src is not None:
+            evaluated[i] = dataclasses.replace(p, **{f: getattr(src, f) for f in ("ppl", "accuracy", "zero_shot")})
     points = evaluated
     metric = resolve_metric(points, "auto")
     front = non_dominated(points, metric)

@@ -140,6 +140,9 @@ class ParetoConfig:
         uniform_bits: also add the full-width model with every linear and the lm_head at each of these
             weight bits (e.g. ``[8, 4]``: what plain uniform quantisation gives) as reference points.
         measure: time every point in the serving backend (else the predicted latency is used, and said).
+        timing_rounds: the points are timed together, in this many rounds that each time every point once
+            (rotated order), and a point's latency is the median over rounds: the machine's drift then hits
+            every point alike instead of reordering them (1: one timing per point).
         zero_shot: also run the ``eval`` group's zero-shot tasks on every point (slow on CPU).
         output: where ``pareto.json`` goes (``pareto.png`` beside it), relative to the run folder.
     """
@@ -149,8 +152,13 @@ class ParetoConfig:
     include_full: bool = True
     uniform_bits: list[int] = field(default_factory=list)
     measure: bool = True
+    timing_rounds: int = 3
     zero_shot: bool = False
     output: str = "pareto.json"
+
+    def __post_init__(self) -> None:
+        if self.timing_rounds < 1:
+            raise ValueError(f"pareto.timing_rounds must be >= 1, got {self.timing_rounds}")
 
 
 @dataclass

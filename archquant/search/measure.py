@@ -88,6 +88,38 @@ register_latency_meter("torch")(_time_torch)
 register_latency_meter("triton")(_time_torch)
 
 
+def _llamacpp_setup(model, latency_cfg, path: Path, *, tokenizer=None, source_gguf=None, threads=None, **_):
+    """Export ``model`` to ``path`` (the types it was materialised with) and return what timing needs."""
+    from archquant.backends.llamacpp.gguf_export import export_gguf, plan_gguf
+
+    scenario = Scenario.from_config(latency_cfg)
+    if scenario.batch != 1:
+        raise ValueError(f"the llama.cpp meter times batch 1; got latency.batch={scenario.batch}")
+    types = plan_gguf(model).types
+    export_gguf(model, path, source_gguf=source_gguf, tokenizer=None if source_gguf else tokenizer, types=types)
+    return scenario, threads or torch.get_num_threads(), types
+
+
+def _time_gguf_file(path: Path, scenario: Scenario, threads: int, tokens: int, types: dict) -> LatencyMeasurement:
+    from archquant.backends.llamacpp.runtime import LlamaCppRunner
+
+    n_ctx = (scenario.context + 8) if scenario.name == "decode" else scenario.prefill_len
+    with LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, n_batch=max(n_ctx, 32)) as runner:
+        if scenario.name == "decode":
+            res = runner.time_decode(context=scenario.context, tokens=tokens)
+        else:
+            res = runner.time_prefill(length=scenario.prefill_len)
+    samples = [float(s) for s in res["samples"]]
+    # the statistic the llama.cpp tables are fitted on (the least-disturbed run); the median is kept too
+    return LatencyMeasurement(
+        ms=min(samples),
+        method=f"llama.cpp {scenario.name}, {threads} threads, minimum of {len(samples)} samples (as the tables)",
+        samples=samples,
+        details={"median_ms": float(statistics.median(samples)), "gguf_mb": path.stat().st_size / 1e6,
+                 "types": {str(k): v for k, v in types.items()}},
+    )
+
+
 @register_latency_meter("llamacpp")
 def _time_llamacpp(
     model,
@@ -100,31 +132,66 @@ def _time_llamacpp(
     keep_gguf: str | Path | None = None,
     **_,
 ) -> LatencyMeasurement:
-    """Export to GGUF with the backend's tensor types and time it in llama.cpp (batch 1)."""
-    from archquant.backends.llamacpp.gguf_export import export_gguf
-    from archquant.backends.llamacpp.runtime import LlamaCppRunner
-
-    scenario = Scenario.from_config(latency_cfg)
-    if scenario.batch != 1:
-        raise ValueError(f"the llama.cpp meter times batch 1; got latency.batch={scenario.batch}")
-    backend = get_backend("llamacpp")
-    threads = threads or torch.get_num_threads()
+    """Export to GGUF with the model's tensor types and time it in llama.cpp (batch 1)."""
     with tempfile.TemporaryDirectory(prefix="archquant-gguf-") as tmp:
         path = Path(keep_gguf) if keep_gguf else Path(tmp) / "model.gguf"
-        export_gguf(model, path, source_gguf=source_gguf, tokenizer=None if source_gguf else tokenizer, types=backend.types)
-        size_mb = path.stat().st_size / 1e6
-        n_ctx = (scenario.context + 8) if scenario.name == "decode" else scenario.prefill_len
-        with LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, n_batch=max(n_ctx, 32)) as runner:
-            if scenario.name == "decode":
-                res = runner.time_decode(context=scenario.context, tokens=tokens)
-            else:
-                res = runner.time_prefill(length=scenario.prefill_len)
-    samples = [float(s) for s in res["samples"]]
-    # the statistic the llama.cpp tables are fitted on (the least-disturbed run); the median is kept too
-    return LatencyMeasurement(
-        ms=min(samples),
-        method=f"llama.cpp {scenario.name}, {threads} threads, minimum of {len(samples)} samples (as the tables)",
-        samples=samples,
-        details={"median_ms": float(statistics.median(samples)), "gguf_mb": size_mb,
-                 "types": {str(k): v for k, v in backend.types.items()}},
-    )
+        scenario, threads, types = _llamacpp_setup(model, latency_cfg, path, tokenizer=tokenizer,
+                                                   source_gguf=source_gguf, threads=threads)
+        return _time_gguf_file(path, scenario, threads, tokens, types)
+
+
+# ---- several models timed together -------------------------------------------------------------
+Timer = Callable[[], LatencyMeasurement]
+
+
+def prepare_timer(model_fn: Callable[[], Any], latency_cfg, workdir: str | Path, *, model=None, **context) -> Timer:
+    """A no-argument callable timing one model, for ``measure_interleaved``.
+
+    llama.cpp: the model (``model`` if given, else ``model_fn()``) is exported once to ``workdir/model.gguf``
+    now and not kept; every call times that file. Other backends: every call times ``model_fn()`` with
+    ``measure_latency`` (a factory, so that a caller need not keep several large models alive at once).
+    """
+    if latency_cfg.backend == "llamacpp":
+        path = Path(workdir) / "model.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokens = context.pop("tokens", 32)
+        scenario, threads, types = _llamacpp_setup(model if model is not None else model_fn(), latency_cfg, path,
+                                                   **context)
+        return lambda: _time_gguf_file(path, scenario, threads, tokens, types)
+    return lambda: measure_latency(model_fn(), latency_cfg, **context)
+
+
+def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: bool = False) -> dict[str, LatencyMeasurement]:
+    """Time several models in ``rounds`` rounds, each timing every model once in a rotated order.
+
+    A machine's speed drifts (here by up to 20% within an hour); timing model after model lets that drift
+    reorder them. Interleaving spreads it over all of them: a model's figure is the median over rounds of
+    its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds} (pareto.timing_rounds)")
+    names = list(timers)
+    per: dict[str, list[LatencyMeasurement]] = {n: [] for n in names}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds * len(names), desc="timing (interleaved)", unit="run")
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(j + r) % len(names)]
+            per[name].append(timers[name]())
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    out = {}
+    for name, ms in per.items():
+        values = [m.ms for m in ms]
+        first = ms[0]
+        method = first.method if rounds == 1 else f"median over {rounds} interleaved rounds of: {first.method}"
+        out[name] = LatencyMeasurement(
+            ms=float(statistics.median(values)), method=method, samples=values,
+            details={**first.details, "rounds": rounds},
+        )
+    return out
