@@ -4,8 +4,8 @@ For each point: decode ms/token (context C) and prefill ms (S tokens) timed in l
 size, WikiText-2 perplexity and a zero-shot subset scored on llama.cpp's own logits, and the latency
 the committed llama.cpp tables predict.
 
-Timing runs after every point is evaluated, in ``--rounds`` interleaved rounds (each round loads every
-file once, in a rotated order) so that the machine's drift hits all points alike: a point's figure is
+Timing runs after every point is evaluated, in ``--rounds`` interleaved rounds (each round runs one
+llama.cpp session per file and scenario, in a rotated order) so that the machine's drift hits all points alike: a point's figure is
 the median over rounds of each session's minimum (the latency tables' statistic), and ratios between
 points are measured in the same minutes.
 
@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from archquant.utils.env import run_header
@@ -117,30 +118,25 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
 
 
 def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: int) -> None:
-    """Time every row's ``file`` in ``rounds`` rounds, rotating the order; adds ``{scenario}_ms`` (median over
+    """Time every row's ``file`` per scenario with ``measure_interleaved``; adds ``{scenario}_ms`` (median over
     rounds of the session minimum), ``{scenario}_median_ms`` (all samples) and ``{scenario}_rounds_ms``."""
-    import statistics
-
-    from tqdm import tqdm
-
     from archquant.backends.llamacpp.profiler import time_gguf
+    from archquant.search.measure import LatencyMeasurement, measure_interleaved
 
-    mins = {(i, s): [] for i in range(len(rows)) for s in scenarios}
-    samples = {k: [] for k in mins}
-    bar = tqdm(total=rounds * len(rows) * len(scenarios), desc="llama.cpp timing", unit="session")
-    for r in range(rounds):
-        for j in range(len(rows)):
-            i = (j + r) % len(rows)
-            for name, scen in scenarios.items():
-                res = time_gguf(rows[i]["file"], scen, threads=threads)
-                mins[i, name].append(res["ms"])
-                samples[i, name].extend(res["samples"])
-                bar.update()
-    bar.close()
-    for (i, name), v in mins.items():
-        rows[i][f"{name}_ms"] = round(statistics.median(v), 3)
-        rows[i][f"{name}_median_ms"] = round(statistics.median(samples[i, name]), 3)
-        rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in v]
+    def timer(path, scen):
+        def run():
+            res = time_gguf(path, scen, threads=threads)
+            return LatencyMeasurement(ms=res["ms"], method="session minimum", samples=res["samples"])
+
+        return run
+
+    timers = {(i, name): timer(row["file"], scen) for i, row in enumerate(rows) for name, scen in scenarios.items()}
+    out = measure_interleaved(timers, rounds, progress=True)
+    for (i, name), m in out.items():
+        raw = [x for r in m.details.get("round_samples", [m.samples]) for x in r]
+        rows[i][f"{name}_ms"] = round(m.ms, 3)
+        rows[i][f"{name}_median_ms"] = round(float(np.median(raw)), 3)
+        rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in (m.samples if rounds > 1 else [m.ms])]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -188,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one session per file each)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 ppl windows, 20 rows of PIQA only")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.quick:
         args.ppl_windows, args.limit, args.tasks, args.rounds = 2, 20, ["piqa"], 2
     args.ppl_windows = args.ppl_windows or None
@@ -240,11 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
         sn = build(model, space_cfg, backend=backend, calib_ids=calib)
     src = {"source_gguf": ensure_embedded_gguf()} if args.model == EMBEDDED_NAME else {"tokenizer": tok}
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
-        for p in points:
+        for i, p in enumerate(points):
             arch = None
             if "arch" in p:
                 arch = _for_llamacpp(Arch.full(space) if p["arch"] == "full" else p["arch"], space)
-            path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{p['name']}.gguf", **src)
+            path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{i:03d}.gguf", **src)
             print(f"{p['name']}: {arch.summary() if arch else path}")
             row = {"name": p["name"], **p.get("record", {}), **evaluate_gguf(Path(path), tok, args, tables, arch)}
             if arch is not None:

@@ -149,7 +149,7 @@ def make_steps(model, args) -> dict:
 
 
 def quant_cache_mb(sn) -> float:
-    """Bytes held by the supernet's cached quantised weight copies (the stacks ``[K, N, K_in]``)."""
+    """MB held by the supernet's cached quantised weight copies (the stacks ``[K, N, K_in]``)."""
     from archquant.supernet.linear import ElasticLinear
 
     seen, total = set(), 0

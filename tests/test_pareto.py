@@ -104,3 +104,10 @@ def test_front_files_round_trip_and_plot_has_units(tmp_path):
     assert [p.name for p in load_points(tmp_path)] == [p.name for p in pts]
     plot_front(tmp_path / "pareto.png", pts, front, metric="ppl", latency=latency, device="cpu-2t")
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_names_are_made_unique():
+    from archquant.search.pareto import unique_names
+
+    pts = [ParetoPoint(name=n) for n in ("full", "a", "full", "a#2", "a", "full")]
+    assert [p.name for p in unique_names(pts)] == ["full", "a", "full#2", "a#2", "a#3", "full#3"]

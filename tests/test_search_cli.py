@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -134,7 +135,7 @@ def test_two_process_gloo_search_follows_the_single_process_one(tmp_path, feasib
     assert json.loads((out / "arch.json").read_text()) == single.arch.to_dict()
 
 
-def test_pareto_and_pick_on_two_searches(tmp_path, feasible):
+def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     from archquant.search.app import pareto_job, pick_job, search_job
     from archquant.search.context import SearchContext
 
@@ -154,9 +155,20 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible):
     for p in points:
         assert p.measured_ms > 0 and p.ppl > 1 and "torch" in p.measured_by
         assert "3 interleaved rounds" in p.measured_by and len(p.extra["measurement"]["samples"]) == 3
-    again, _ = pareto_job(cfg, ctx=ctx)  # quality from the cache, latency timed afresh with the others
-    assert {p.name: p.ppl for p in again} == {p.name: p.ppl for p in points + [twins[1]]}
-    assert all(p.measured_ms > 0 for p in again)
+    cached = json.loads((tmp_path / "sweep" / "0.7" / "point.json").read_text())["values"]
+    assert "ppl" in cached and "measured_ms" not in cached  # latency is never cached: always timed together
+
+    ppl_mod = importlib.import_module("archquant.evaluation.perplexity")  # the package re-exports the function
+    real = ppl_mod.perplexity
+
+    def only_the_original(model, *a, **k):  # the original has no run folder, hence no cache
+        assert model is ctx.model, "perplexity recomputed for a searched point although its point.json matches"
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(ppl_mod, "perplexity", only_the_original)
+    again, _ = pareto_job(cfg, ctx=ctx)  # searched points' quality from the cache, latency timed afresh
+    assert {p.name: p.ppl for p in again if p.source == "search"} == {p.name: p.ppl for p in twins + points if p.source == "search"}
+    monkeypatch.undo()
     rec = json.loads((tmp_path / "pareto.json").read_text())
     assert set(rec["front"]) == {p.name for p in front} and rec["metric"] == "ppl"
     assert (tmp_path / "pareto.png").exists()

@@ -7,6 +7,7 @@ fixes (1) the quantiser semantics the supernet must simulate, (2) the space rule
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -89,7 +90,9 @@ def get_backend(name: str, options: dict | None = None) -> Backend:
         import archquant.backends.llamacpp  # noqa: F401  (registers itself)
     if name not in _REGISTRY:
         raise BackendError(f"latency.backend={name!r} is unknown; choose one of {sorted(_REGISTRY) + ['llamacpp']}")
+    cls = _REGISTRY[name]
     try:
-        return _REGISTRY[name](**(options or {}))
+        inspect.signature(cls).bind(**(options or {}))
     except TypeError as err:
         raise BackendError(f"backend {name!r} does not take the options {options}: {err}") from None
+    return cls(**(options or {}))

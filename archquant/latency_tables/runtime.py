@@ -121,7 +121,7 @@ def to_runtime(model: nn.Module, *, copy: bool = False) -> nn.Module:
 
         model = _copy.deepcopy(model)
     quant = getattr(model.config, "quant", None) or {}
-    backend = get_backend(quant.get("backend", "torch"))
+    backend = get_backend(quant.get("backend", "torch"), quant.get("backend_options"))
     g = int(quant.get("group_size", 64))
     layers = model.model.layers
     qlayers = quant.get("layers") or [{}] * len(layers)

@@ -26,7 +26,9 @@ from archquant.search.pareto import (
     plot_front,
     resolve_metric,
     save_front,
+    unique_names,
 )
+from archquant.search.measure import measure_interleaved, prepare_timer
 from archquant.search.pick import PickResult, pick_point
 from archquant.training.checkpoint import ResumeMismatchError, config_identity
 from archquant.training.loop import NonFiniteLossError
@@ -146,61 +148,53 @@ def write_search_record(out: Path, cfg, ctx, rng, result: SearchResult) -> None:
 
 # ---- archquant-pareto -------------------------------------------------------------------------------
 def _eval_key(cfg) -> dict[str, Any]:
-    """Settings an evaluated point depends on (a cached evaluation is reused only when they match)."""
+    """Settings a point's cached quality (``point.json``: perplexity, zero-shot) depends on; latency is not
+    cached (the points are timed together on every call)."""
     return {
-        "latency": dataclasses.asdict(cfg.latency),
-        "measure": cfg.pareto.measure,
+        "backend": cfg.latency.backend,  # the quantiser the materialised model simulates
         "ppl": [cfg.data.ppl_file, cfg.eval.ppl_seq_len, cfg.eval.ppl_max_windows],
         "zero_shot": [cfg.pareto.zero_shot, list(cfg.eval.tasks), cfg.eval.limit],
         "device": device_name(cfg.latency.device),
-        "cached": "quality",  # point.json holds ppl / zero-shot only; latency is timed with the other points
+        "cached": "quality",
     }
 
 
-def evaluate_point(point: ParetoPoint, cfg, ctx, supernet, timers: dict | None = None, workdir: Path | None = None
-                   ) -> ParetoPoint:
-    """A point's held-out perplexity and (optionally) zero-shot accuracy; its latency is timed with the others.
+def point_model_fn(point: ParetoPoint, ctx, supernet):
+    """A factory of the point's model (the original, or its architecture materialised), or ``None`` for a
+    baseline without an architecture (it keeps what its file says)."""
+    if point.source == "full":
+        return lambda: ctx.model.eval()
+    if point.arch is None:
+        return None
+    from archquant.supernet import materialize
+    from archquant.supernet.arch import Arch
 
-    With ``timers`` (and ``pareto.measure``), a timer for the point is added under its name (see
-    ``measure.prepare_timer``; ``pareto_job`` runs them interleaved); without, it is timed here.
-    A search run folder caches the quality figures in ``point.json`` (reused when the settings match).
+    arch = Arch.from_dict(point.arch)
+    return lambda: materialize(supernet, arch).eval()
+
+
+def evaluate_point(point: ParetoPoint, cfg, ctx, model_fn) -> ParetoPoint:
+    """A point's held-out perplexity and (optionally) zero-shot accuracy; ``model_fn()`` builds its model.
+
+    A search run folder caches these in ``point.json`` (reused when ``_eval_key`` matches; the model is then
+    not built). Latency is measured by ``pareto_job``, all points together.
     """
     from archquant.data import resolve_data_path
     from archquant.evaluation.perplexity import perplexity
-    from archquant.search.measure import measure_latency, prepare_timer
-    from archquant.supernet.arch import Arch
 
-    if point.source == "full":
-        model_fn = lambda: ctx.model  # noqa: E731
-    elif point.arch is not None:
-        from archquant.supernet import materialize
-
-        arch = Arch.from_dict(point.arch)
-        model_fn = lambda: materialize(supernet, arch).eval()  # noqa: E731
-    else:
-        return point  # a baseline without an architecture keeps what its file says
-    model = model_fn().eval()
-    values: dict[str, Any] = {}
-    if cfg.pareto.measure:
-        context = {"tokenizer": ctx.tokenizer, "source_gguf": ctx.gguf_source()}
-        if timers is None:
-            m = measure_latency(model, cfg.latency, **context)
-            values.update(measured_ms=m.ms, measured_by=m.method, extra={**point.extra, "measurement": m.to_dict()})
-        else:
-            timers[point.name] = prepare_timer(model_fn, cfg.latency, Path(workdir) / point.name, model=model, **context)
     key = _eval_key(cfg)
     cache = Path(point.run_dir) / "point.json" if point.run_dir else None
     if cache is not None and cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             log.info("%s: quality from %s", point.name, cache)
-            return dataclasses.replace(point, **saved["values"], **values)
+            return dataclasses.replace(point, **saved["values"])
+    model = model_fn()
     quality: dict[str, Any] = {}
-    ppl_path = resolve_data_path(cfg.data, "ppl_file")
     ppl = perplexity(
         model,
         ctx.tokenizer,
-        ppl_path,
+        resolve_data_path(cfg.data, "ppl_file"),
         seq_len=cfg.eval.ppl_seq_len,
         max_windows=cfg.eval.ppl_max_windows,
         batch_size=cfg.eval.ppl_batch_size,
@@ -214,7 +208,7 @@ def evaluate_point(point: ParetoPoint, cfg, ctx, supernet, timers: dict | None =
             progress=cfg.eval.progress,
         )
         quality.update(zero_shot=res, accuracy=headline_mean(res))
-    point = dataclasses.replace(point, **quality, **values)
+    point = dataclasses.replace(point, **quality)
     log.info(
         "%s: ppl %.3f%s", point.name, point.ppl, "" if point.accuracy is None else f", accuracy {point.accuracy:.3f}"
     )
@@ -272,8 +266,9 @@ def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
             "archquant-pareto 'pareto.runs=[multirun/search/2026-01-01_12-00-00]'"
         )
     points = collect_runs(cfg.pareto.runs)
-    for path in cfg.pareto.baselines:
-        points += [dataclasses.replace(p, source="baseline") for p in load_points(path)]
+    for path in cfg.pareto.baselines:  # a baseline's figures are its own: no twin link from the file it came from
+        points += [dataclasses.replace(p, source="baseline", extra={k: v for k, v in p.extra.items() if k != "same_arch_as"})
+                   for p in load_points(path)]
     if not points:
         raise FileNotFoundError(f"no completed search run (search.json + arch.json) under pareto.runs={list(cfg.pareto.runs)}")
     _check_same_workload(points, cfg)
@@ -293,41 +288,47 @@ def pareto_job(cfg, *, ctx=None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
             )
         )
     points += uniform_points(ctx, cfg.pareto.uniform_bits)
+    unique_names(points)
     supernet = ctx.build_supernet() if any(p.arch is not None for p in points) else None
     t0 = time.perf_counter()
     # one evaluation per distinct architecture: two budgets that found the same subnet must not get
-    # two different "measured" latencies from timing noise
-    done: dict[str, ParetoPoint] = {}
-    evaluated = []
-    timers: dict = {}
+    # two different figures from noise; twins copy their source's
+    first_of: dict[str, int] = {}
+    twin_of: dict[int, int] = {}
+    timers: dict[str, Any] = {}
+    context = {"tokenizer": ctx.tokenizer, "source_gguf": ctx.gguf_source()}
     with tempfile.TemporaryDirectory(prefix="archquant-pareto-") as workdir:
-        for p in points:
+        for i, p in enumerate(points):
             key = json.dumps(p.arch, sort_keys=True) if p.arch is not None else None
-            if key is not None and key in done:
-                p = dataclasses.replace(p, extra={**p.extra, "same_arch_as": done[key].name})
-            else:
-                p = evaluate_point(p, cfg, ctx, supernet, timers, Path(workdir))
-                if key is not None:
-                    done[key] = p
-            evaluated.append(p)
+            if key is not None and key in first_of:
+                twin_of[i] = first_of[key]
+                continue
+            if key is not None:
+                first_of[key] = i
+            fn = point_model_fn(p, ctx, supernet)
+            if fn is None:
+                continue
+            built = functools.lru_cache(maxsize=1)(fn)  # evaluation and a llama.cpp export share one model
+            points[i] = evaluate_point(p, cfg, ctx, built)
+            if cfg.pareto.measure:
+                model = built() if built.cache_info().currsize else None
+                timers[p.name] = prepare_timer(fn, cfg.latency, Path(workdir) / f"{i:03d}", model=model, **context)
+            built.cache_clear()
         if timers:
-            from archquant.search.measure import measure_interleaved
-
             log.info("timing %d points in %d interleaved rounds (%s)", len(timers), cfg.pareto.timing_rounds,
                      cfg.latency.backend)
             measured = measure_interleaved(timers, cfg.pareto.timing_rounds, progress=cfg.eval.progress)
-            for i, p in enumerate(evaluated):
-                m = measured.get(p.extra.get("same_arch_as", p.name))
+            for i, p in enumerate(points):
+                m = measured.get(p.name)
                 if m is not None:
-                    evaluated[i] = p = dataclasses.replace(
+                    points[i] = dataclasses.replace(
                         p, measured_ms=m.ms, measured_by=m.method, extra={**p.extra, "measurement": m.to_dict()})
-                    log.info("%s: latency %.3f ms (measured)", p.name, p.measured_ms)
-    names = {p.name: p for p in evaluated}
-    for i, p in enumerate(evaluated):  # twins take their source's quality
-        src = names.get(p.extra.get("same_arch_as"))
-        if src is not None:
-            evaluated[i] = dataclasses.replace(p, **{f: getattr(src, f) for f in ("ppl", "accuracy", "zero_shot")})
-    points = evaluated
+                    log.info("%s: latency %.3f ms (measured)", p.name, m.ms)
+    for i, j in twin_of.items():
+        src = points[j]
+        fields = ("measured_ms", "measured_by", "ppl", "accuracy", "zero_shot")
+        points[i] = dataclasses.replace(points[i], **{f: getattr(src, f) for f in fields},
+                                        extra={**points[i].extra, "same_arch_as": src.name})
     metric = resolve_metric(points, "auto")
     front = non_dominated(points, metric)
     out = Path(cfg.out_dir) / cfg.pareto.output

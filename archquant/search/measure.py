@@ -8,6 +8,7 @@ Built in: ``torch``/``triton`` time the materialised model (``latency_tables.run
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -100,22 +101,19 @@ def _llamacpp_setup(model, latency_cfg, path: Path, *, tokenizer=None, source_gg
     return scenario, threads or torch.get_num_threads(), types
 
 
-def _time_gguf_file(path: Path, scenario: Scenario, threads: int, tokens: int, types: dict) -> LatencyMeasurement:
-    from archquant.backends.llamacpp.runtime import LlamaCppRunner
+def _time_gguf_file(path: Path, scenario: Scenario, threads: int, tokens: int | None, types: dict) -> LatencyMeasurement:
+    """One llama.cpp session on ``path``, timed as the tables are profiled (``profiler.time_gguf``; ``tokens``
+    decoded tokens, default the profiler's)."""
+    from archquant.backends.llamacpp.profiler import time_gguf
 
-    n_ctx = (scenario.context + 8) if scenario.name == "decode" else scenario.prefill_len
-    with LlamaCppRunner(path, n_ctx=n_ctx, n_threads=threads, n_batch=max(n_ctx, 32)) as runner:
-        if scenario.name == "decode":
-            res = runner.time_decode(context=scenario.context, tokens=tokens)
-        else:
-            res = runner.time_prefill(length=scenario.prefill_len)
+    res = time_gguf(path, scenario, threads=threads, **({"decode_tokens": tokens} if tokens else {}))
     samples = [float(s) for s in res["samples"]]
     # the statistic the llama.cpp tables are fitted on (the least-disturbed run); the median is kept too
     return LatencyMeasurement(
-        ms=min(samples),
+        ms=res["ms"],
         method=f"llama.cpp {scenario.name}, {threads} threads, minimum of {len(samples)} samples (as the tables)",
         samples=samples,
-        details={"median_ms": float(statistics.median(samples)), "gguf_mb": path.stat().st_size / 1e6,
+        details={"median_ms": res["median"], "gguf_mb": path.stat().st_size / 1e6,
                  "types": {str(k): v for k, v in types.items()}},
     )
 
@@ -128,7 +126,7 @@ def _time_llamacpp(
     tokenizer=None,
     source_gguf: str | Path | None = None,
     threads: int | None = None,
-    tokens: int = 32,
+    tokens: int | None = None,
     keep_gguf: str | Path | None = None,
     **_,
 ) -> LatencyMeasurement:
@@ -151,10 +149,10 @@ def prepare_timer(model_fn: Callable[[], Any], latency_cfg, workdir: str | Path,
     now and not kept; every call times that file. Other backends: every call times ``model_fn()`` with
     ``measure_latency`` (a factory, so that a caller need not keep several large models alive at once).
     """
-    if latency_cfg.backend == "llamacpp":
+    if latency_cfg.backend == "llamacpp" and _METERS.get("llamacpp") is _time_llamacpp:  # not a user's own meter
         path = Path(workdir) / "model.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tokens = context.pop("tokens", 32)
+        tokens = context.pop("tokens", None)
         scenario, threads, types = _llamacpp_setup(model if model is not None else model_fn(), latency_cfg, path,
                                                    **context)
         return lambda: _time_gguf_file(path, scenario, threads, tokens, types)
@@ -166,7 +164,8 @@ def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: boo
 
     A machine's speed drifts (here by up to 20% within an hour); timing model after model lets that drift
     reorder them. Interleaving spreads it over all of them: a model's figure is the median over rounds of
-    its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted).
+    its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted); ``samples`` then
+    holds the per-round values, ``details["round_samples"]`` each round's raw samples.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds} (pareto.timing_rounds)")
@@ -187,11 +186,16 @@ def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: boo
         bar.close()
     out = {}
     for name, ms in per.items():
+        if rounds == 1:
+            out[name] = dataclasses.replace(ms[0], details={**ms[0].details, "rounds": 1})
+            continue
         values = [m.ms for m in ms]
-        first = ms[0]
-        method = first.method if rounds == 1 else f"median over {rounds} interleaved rounds of: {first.method}"
+        raw = [x for m in ms for x in m.samples]
+        details = {**ms[0].details, "rounds": rounds, "round_samples": [m.samples for m in ms]}
+        if raw:
+            details["median_ms"] = float(statistics.median(raw))
         out[name] = LatencyMeasurement(
-            ms=float(statistics.median(values)), method=method, samples=values,
-            details={**first.details, "rounds": rounds},
+            ms=float(statistics.median(values)), method=f"median over {rounds} interleaved rounds of: {ms[0].method}",
+            samples=values, details=details,
         )
     return out

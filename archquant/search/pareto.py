@@ -95,11 +95,23 @@ def collect_runs(folders: list[str | Path]) -> list[ParetoPoint]:
         for rec in sorted(folder.rglob("search.json")):
             if (rec.parent / "arch.json").exists():
                 points.append(point_from_run(rec.parent))
-    names: dict[str, int] = {}
-    for p in points:  # two runs at the same budget keep distinct names
-        names[p.name] = names.get(p.name, 0) + 1
-        if names[p.name] > 1:
-            p.name = f"{p.name}#{names[p.name]}"
+    return unique_names(points)
+
+
+def unique_names(points: list[ParetoPoint]) -> list[ParetoPoint]:
+    """Rename repeated names ``name#2``, ``name#3``, ... in place (two runs at one budget, a baseline file
+    reusing ``full``): a front, its plot and the pick refer to points by name."""
+    seen = {p.name for p in points}
+    count: dict[str, int] = {}
+    for p in points:
+        count[p.name] = count.get(p.name, 0) + 1
+        if count[p.name] > 1:
+            k = count[p.name]
+            while f"{p.name}#{k}" in seen:
+                k += 1
+            count[p.name] = k
+            p.name = f"{p.name}#{k}"
+            seen.add(p.name)
     return points
 
 
