@@ -156,8 +156,8 @@ def quant_cache_mb(sn) -> float:
     for m in sn.modules():
         if isinstance(m, ElasticLinear) and id(m._cache) not in seen:
             seen.add(id(m._cache))
-            tensors = ([m._cache.stack] if m._cache.stack is not None else []) + list(m._cache.single.values())
-            total += sum(t.numel() * t.element_size() for t in tensors)
+            total += m._cache.stack.nbytes_owned(m.weight) if m._cache.stack is not None else 0
+            total += sum(t.numel() * t.element_size() for t in m._cache.single.values())
     return total / 1e6
 
 

@@ -219,3 +219,30 @@ def test_output_mixing_equals_weight_mixing_with_gradients(backend_name):
     # fp32 cancellation allows ~1e-3 of its scale
     torch.testing.assert_close(gp_out, gp_w, rtol=0, atol=2e-3 * float(gp_w.abs().max()))
     assert gp_out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [[16, 8, 4], [8, 16, 4], [8, 4], [4, 8, 16]])
+def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
+    from archquant.backends.base import get_backend
+    from archquant.supernet.quant import QuantCache
+
+    be = get_backend("torch")
+    w = torch.nn.Parameter(torch.randn(48, 64))
+    with torch.no_grad():
+        choices = QuantCache().all(w, lambda: w[:32], bits, be, 32, 0)
+    ref = [be.fake_quant_weight(w.detach()[:32], b, 32) for b in bits]
+    for k in range(len(bits)):
+        assert torch.equal(choices[k], ref[k])
+    if 16 in bits:  # the 16-bit choice is a view of the Parameter, not a copy
+        assert choices[bits.index(16)].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        assert choices.nbytes_owned(w) == (len(bits) - 1) * 32 * 64 * 4
+    pi = torch.softmax(torch.randn(len(bits)), 0).requires_grad_(True)
+    for lo, hi in [(0, len(bits)), (1, len(bits)), (0, 1)]:
+        got = choices.mix(pi, lo, hi)
+        want = sum(pi[k] * ref[k] for k in range(lo, hi))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        g_got, = torch.autograd.grad((got * want.detach()).sum(), pi)
+        g_want, = torch.autograd.grad((want * want.detach()).sum(), pi)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
+    sub = choices.take(lambda t, sel, dim: t if sel is None else t.narrow(dim, 0, sel), 16, None)
+    assert torch.equal(sub[len(bits) - 1], ref[-1][:16])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archquant.backends.base import Backend
-from archquant.supernet.quant import QuantCache, mix_weights
+from archquant.supernet.quant import QuantCache, WeightChoices
 
 Sel = int | torch.Tensor | None  # None: all; int: a prefix; LongTensor: a gathered index list
 
@@ -170,30 +170,30 @@ class ElasticLinear(nn.Module):
         stack = self._cache.all(
             self.weight, self.active_weight, self.bits, self.backend, self.group_size, self._slice_version
         )
-        stack = _take(_take(stack, out_sub, 1), in_sub, 2)
+        choices = stack.take(_take, out_sub, in_sub)
         y = None
         for c, (lo, hi) in self.class_ranges.items():
-            term = self._mixed_term(xs[c], stack, pi, lo, hi)
+            term = self._mixed_term(xs[c], choices, pi, lo, hi)
             y = term if y is None else y + term
         return y if bias is None else y + bias
 
-    def _mixed_term(self, x: torch.Tensor, stack: torch.Tensor, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _mixed_term(self, x: torch.Tensor, choices: WeightChoices, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """``x (sum_{k in lo:hi} pi_k Q_k)^T``, mixing weights or outputs, whichever moves fewer bytes.
 
-        Mixing weights costs two passes over the stack and a full ``[N, K]`` write per call and per
+        Mixing weights costs two passes over the choices and a full ``[N, K]`` write per call and per
         backward; mixing outputs costs one matmul per choice. Below ``mix_outputs_max_tokens`` rows the
         matmuls are cheaper (a search step on one short block); above, one mixed matmul is.
         """
         if hi - lo == 1:
-            return F.linear(x, stack[lo]) * pi[lo]
+            return F.linear(x, choices[lo]) * pi[lo]
         rows = x.numel() // max(1, x.shape[-1])
         if rows <= self.mix_outputs_max_tokens:
             y = None
             for k in range(lo, hi):
-                term = F.linear(x, stack[k]) * pi[k]
+                term = F.linear(x, choices[k]) * pi[k]
                 y = term if y is None else y + term
             return y
-        return F.linear(x, mix_weights(stack[lo:hi], pi[lo:hi]))
+        return F.linear(x, choices.mix(pi, lo, hi))
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

@@ -106,17 +106,74 @@ def mixed_act(
     return out
 
 
+class WeightChoices:
+    """``Q_k(W_active)`` for every bits choice ``k`` of one linear.
+
+    The quantised copies are stacked ``[K', N, K_in]``; the choice whose quantiser leaves the weight as it
+    is (16 bits in the reference backend), if any, is the active weight itself, so no copy of it is kept
+    (for a prefix slice that is a view of the shared Parameter).
+    """
+
+    def __init__(self, stack: torch.Tensor | None, ident: torch.Tensor | None = None, ident_index: int | None = None):
+        self.stack, self.ident, self.ident_index = stack, ident, ident_index
+
+    @classmethod
+    def build(cls, w: torch.Tensor, bits: list[int], backend: Backend, group_size: int) -> WeightChoices:
+        qs, ident, ident_index = [], None, None
+        for i, b in enumerate(bits):
+            q = backend.fake_quant_weight(w, b, group_size)
+            if q is w and ident_index is None:
+                ident, ident_index = w, i
+            else:
+                qs.append(q)
+        return cls(torch.stack(qs) if qs else None, ident, ident_index)
+
+    def _row(self, k: int) -> int:
+        return k if self.ident_index is None or k < self.ident_index else k - 1
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.ident if k == self.ident_index else self.stack[self._row(k)]
+
+    def take(self, take, out_sub, in_sub) -> WeightChoices:
+        """The same choices restricted to output rows ``out_sub`` / input columns ``in_sub`` (``take(t, sel, dim)``)."""
+        if out_sub is None and in_sub is None:
+            return self
+        stack = None if self.stack is None else take(take(self.stack, out_sub, 1), in_sub, 2)
+        ident = None if self.ident is None else take(take(self.ident, out_sub, 0), in_sub, 1)
+        return WeightChoices(stack, ident, self.ident_index)
+
+    def mix(self, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``sum_{k in [lo, hi)} pi_k Q_k``: one pass over the stacked copies, one over the identity choice."""
+        rows = [k for k in range(lo, hi) if k != self.ident_index]
+        out = None
+        if rows:
+            r0 = self._row(rows[0])
+            out = mix_weights(self.stack[r0 : r0 + len(rows)], pi[rows])  # the rows are adjacent in the stack
+        if self.ident_index is not None and lo <= self.ident_index < hi:
+            term = self.ident * pi[self.ident_index].to(self.ident.dtype)
+            out = term if out is None else out + term
+        return out
+
+    def nbytes_owned(self, weight: torch.Tensor) -> int:
+        """Bytes these choices hold beyond ``weight``'s own storage."""
+        n = 0 if self.stack is None else self.stack.numel() * self.stack.element_size()
+        if self.ident is not None and self.ident.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            n += self.ident.numel() * self.ident.element_size()
+        return n
+
+
 class QuantCache:
-    """Quantised copies ``Q_k(W_active)`` of one linear's weight, stacked ``[K, N, K_in]``.
+    """Quantised copies ``Q_k(W_active)`` of one linear's weight (``WeightChoices``; ``single``: one bits
+    choice of a slice).
 
     The cache is valid while the weight's data pointer, version counter and the active slice are
-    unchanged. When the weight trains (``requires_grad`` under grad mode) the stack is rebuilt with
+    unchanged. When the weight trains (``requires_grad`` under grad mode) the choices are rebuilt with
     the straight-through estimator every call, so gradients reach the shared Parameter.
     """
 
     def __init__(self) -> None:
         self.key = None
-        self.stack: torch.Tensor | None = None
+        self.stack: WeightChoices | None = None
         self.single: dict = {}
 
     def clear(self) -> None:
@@ -146,15 +203,17 @@ class QuantCache:
             self.single[(bits, tag)] = hit
         return hit
 
-    def all(self, weight, w_active_fn, bits: list[int], backend: Backend, group_size: int, slice_version: int):
-        """``stack_k Q_{bits[k]}(W_active)``. Shape: ``[K, N, K_in]``."""
+    def all(self, weight, w_active_fn, bits: list[int], backend: Backend, group_size: int, slice_version: int
+            ) -> WeightChoices:
+        """``Q_{bits[k]}(W_active)`` for every ``k``."""
         if self._trains(weight):
-            w = w_active_fn()
-            return torch.stack([backend.fake_quant_weight(w, b, group_size) for b in bits])
+            return WeightChoices.build(w_active_fn(), bits, backend, group_size)
         if not self._valid(weight, slice_version) or self.stack is None:
             with torch.no_grad():
-                w = w_active_fn()
-                self.stack = torch.stack([backend.fake_quant_weight(w, b, group_size) for b in bits]).contiguous()
+                choices = WeightChoices.build(w_active_fn(), bits, backend, group_size)
+                if choices.stack is not None:
+                    choices.stack = choices.stack.contiguous()
+                self.stack = choices
         return self.stack
 
 
