@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--naive-layers", type=int, default=12,
                    help="blocks for the naive-vs-vectorised phase (0 = as many as --layers)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--hard", action="store_true", help="straight-through one-hot samples (same cost as soft)")
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -246,3 +246,20 @@ def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-5)
     sub = choices.take(lambda t, sel, dim: t if sel is None else t.narrow(dim, 0, sel), 16, None)
     assert torch.equal(sub[len(bits) - 1], ref[-1][:16])
+
+
+def test_mixed_choices_pass_straight_through_gradients_to_trainable_weights():
+    from archquant.backends.base import get_backend
+    from archquant.supernet.quant import QuantCache
+
+    be = get_backend("torch")
+    w = torch.nn.Parameter(torch.randn(24, 64))
+    pi = torch.softmax(torch.randn(3), 0).requires_grad_(True)
+    target = torch.randn(24, 64)
+    got = QuantCache().all(w, lambda: w, [16, 8, 4], be, 32, 0).mix(pi, 0, 3)
+    g_w, g_pi = torch.autograd.grad((got * target).sum(), (w, pi))
+    want = sum(pi[k] * be.fake_quant_weight(w, b, 32) for k, b in enumerate([16, 8, 4]))
+    r_w, r_pi = torch.autograd.grad((want * target).sum(), (w, pi))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-6, atol=1e-6)  # STE: sum_k pi_k * target
+    torch.testing.assert_close(g_pi, r_pi, rtol=1e-5, atol=1e-5)
