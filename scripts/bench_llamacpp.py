@@ -5,9 +5,9 @@ size, WikiText-2 perplexity and a zero-shot subset scored on llama.cpp's own log
 the committed llama.cpp tables predict.
 
 Timing runs after every point is evaluated, in ``--rounds`` interleaved rounds (each round runs one
-llama.cpp session per file and scenario, in a rotated order) so that the machine's drift hits all points alike: a point's figure is
-the median over rounds of each session's minimum (the latency tables' statistic), and ratios between
-points are measured in the same minutes.
+llama.cpp session per file and scenario, in a rotated order) so that the machine's drift hits all
+points alike: a point's figure is the median over rounds of each session's minimum (the latency
+tables' statistic), and ratios between points are measured in the same minutes.
 
     python scripts/bench_llamacpp.py --pareto runs/x/pareto.json       # the search's front
     python scripts/bench_llamacpp.py --archs a/arch.json b/arch.json   # given architectures
@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from archquant.utils.env import run_header
@@ -133,10 +132,9 @@ def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: in
     timers = {(i, name): timer(row["file"], scen) for i, row in enumerate(rows) for name, scen in scenarios.items()}
     out = measure_interleaved(timers, rounds, progress=True)
     for (i, name), m in out.items():
-        raw = [x for r in m.details.get("round_samples", [m.samples]) for x in r]
         rows[i][f"{name}_ms"] = round(m.ms, 3)
-        rows[i][f"{name}_median_ms"] = round(float(np.median(raw)), 3)
-        rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in (m.samples if rounds > 1 else [m.ms])]
+        rows[i][f"{name}_median_ms"] = round(m.details["median_ms"], 3)
+        rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in m.samples]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

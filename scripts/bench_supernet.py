@@ -149,14 +149,14 @@ def make_steps(model, args) -> dict:
 
 
 def quant_cache_mb(sn) -> float:
-    """MB held by the supernet's cached quantised weight copies (the stacks ``[K, N, K_in]``)."""
+    """MB held by the supernet's cached quantised weight copies (beyond the shared Parameters)."""
     from archquant.supernet.linear import ElasticLinear
 
     seen, total = set(), 0
     for m in sn.modules():
         if isinstance(m, ElasticLinear) and id(m._cache) not in seen:
             seen.add(id(m._cache))
-            total += m._cache.stack.nbytes_owned(m.weight) if m._cache.stack is not None else 0
+            total += m._cache.choices.nbytes_owned(m.weight) if m._cache.choices is not None else 0
             total += sum(t.numel() * t.element_size() for t in m._cache.single.values())
     return total / 1e6
 

@@ -8,7 +8,6 @@ Built in: ``torch``/``triton`` time the materialised model (``latency_tables.run
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -104,9 +103,9 @@ def _llamacpp_setup(model, latency_cfg, path: Path, *, tokenizer=None, source_gg
 def _time_gguf_file(path: Path, scenario: Scenario, threads: int, tokens: int | None, types: dict) -> LatencyMeasurement:
     """One llama.cpp session on ``path``, timed as the tables are profiled (``profiler.time_gguf``; ``tokens``
     decoded tokens, default the profiler's)."""
-    from archquant.backends.llamacpp.profiler import time_gguf
+    from archquant.backends.llamacpp.profiler import DECODE_TOKENS, time_gguf
 
-    res = time_gguf(path, scenario, threads=threads, **({"decode_tokens": tokens} if tokens else {}))
+    res = time_gguf(path, scenario, threads=threads, decode_tokens=tokens or DECODE_TOKENS)
     samples = [float(s) for s in res["samples"]]
     # the statistic the llama.cpp tables are fitted on (the least-disturbed run); the median is kept too
     return LatencyMeasurement(
@@ -164,7 +163,7 @@ def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: boo
 
     A machine's speed drifts (here by up to 20% within an hour); timing model after model lets that drift
     reorder them. Interleaving spreads it over all of them: a model's figure is the median over rounds of
-    its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted); ``samples`` then
+    its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted); ``samples``
     holds the per-round values, ``details["round_samples"]`` each round's raw samples.
     """
     if rounds < 1:
@@ -186,16 +185,11 @@ def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: boo
         bar.close()
     out = {}
     for name, ms in per.items():
-        if rounds == 1:
-            out[name] = dataclasses.replace(ms[0], details={**ms[0].details, "rounds": 1})
-            continue
-        values = [m.ms for m in ms]
         raw = [x for m in ms for x in m.samples]
         details = {**ms[0].details, "rounds": rounds, "round_samples": [m.samples for m in ms]}
         if raw:
             details["median_ms"] = float(statistics.median(raw))
-        out[name] = LatencyMeasurement(
-            ms=float(statistics.median(values)), method=f"median over {rounds} interleaved rounds of: {ms[0].method}",
-            samples=values, details=details,
-        )
+        method = ms[0].method if rounds == 1 else f"median over {rounds} interleaved rounds of: {ms[0].method}"
+        out[name] = LatencyMeasurement(ms=float(statistics.median([m.ms for m in ms])), method=method,
+                                       samples=[m.ms for m in ms], details=details)
     return out

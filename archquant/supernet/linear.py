@@ -167,10 +167,9 @@ class ElasticLinear(nn.Module):
             else:
                 w = _take(_take(self.qweight(k), out_sub, 0), in_sub, 1)
             return F.linear(xs[self.classes[k]], w, bias)
-        stack = self._cache.all(
+        choices = self._cache.all(
             self.weight, self.active_weight, self.bits, self.backend, self.group_size, self._slice_version
-        )
-        choices = stack.take(_take, out_sub, in_sub)
+        ).take(_take, out_sub, in_sub)
         y = None
         for c, (lo, hi) in self.class_ranges.items():
             term = self._mixed_term(xs[c], choices, pi, lo, hi)

@@ -172,11 +172,11 @@ class QuantCache:
 
     def __init__(self) -> None:
         self.key = None
-        self.stack: WeightChoices | None = None
+        self.choices: WeightChoices | None = None
         self.single: dict = {}
 
     def clear(self) -> None:
-        self.key, self.stack, self.single = None, None, {}
+        self.key, self.choices, self.single = None, None, {}
 
     def _valid(self, weight: torch.Tensor, slice_version: int) -> bool:
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, slice_version)
@@ -207,13 +207,10 @@ class QuantCache:
         """``Q_{bits[k]}(W_active)`` for every ``k``."""
         if self._trains(weight):
             return WeightChoices.build(w_active_fn(), bits, backend, group_size)
-        if not self._valid(weight, slice_version) or self.stack is None:
+        if not self._valid(weight, slice_version) or self.choices is None:
             with torch.no_grad():
-                choices = WeightChoices.build(w_active_fn(), bits, backend, group_size)
-                if choices.stack is not None:
-                    choices.stack = choices.stack.contiguous()
-                self.stack = choices
-        return self.stack
+                self.choices = WeightChoices.build(w_active_fn(), bits, backend, group_size)
+        return self.choices
 
 
 class _MixCPU(torch.autograd.Function):
@@ -226,15 +223,12 @@ class _MixCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pi_rows, pi_ident, stack, ident):
-        coeffs = pi_rows.tolist() if stack is not None else []
-        if stack is not None:
-            out = torch.mul(stack[0], coeffs[0])
-            for r in range(1, len(coeffs)):
-                out.add_(stack[r], alpha=coeffs[r])
-            if ident is not None:
-                out.add_(ident, alpha=float(pi_ident))
-        else:
-            out = torch.mul(ident, float(pi_ident))
+        terms = list(zip(stack, pi_rows.tolist())) if stack is not None else []
+        if ident is not None:
+            terms.append((ident, float(pi_ident)))
+        out = torch.mul(terms[0][0], terms[0][1])
+        for w, c in terms[1:]:
+            out.add_(w, alpha=c)
         ctx.save_for_backward(pi_rows, pi_ident, stack, ident)
         return out
 
