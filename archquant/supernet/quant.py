@@ -216,8 +216,8 @@ class QuantCache:
 class _MixCPU(torch.autograd.Function):
     """``sum_r pi_r stack[r] (+ pi_i ident)`` as scaled in-place adds: one streaming pass per choice.
 
-    On CPU, ``torch.mv`` over a transposed ``[K, N*K_in]`` stack runs ~4x slower than K axpy passes
-    (measured on SmolLM2's lm_head: 98 vs ~21 ms). The backward is ``d pi_r = <g, stack[r]>`` (one
+    On CPU this beats one ``torch.mv`` over a transposed ``[K, N*K_in]`` stack (SmolLM2's lm_head: forward
+    1.6x, forward + backward 1.3x; ``scripts/bench_mix.py``). The backward is ``d pi_r = <g, stack[r]>`` (one
     ``mv``), ``d pi_i = <g, ident>``, and ``pi_r g`` for trainable (straight-through) weights.
     """
 
