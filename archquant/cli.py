@@ -15,15 +15,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # command -> "module:function" taking a validated Config (imported lazily: `--help` stays fast)
 COMMANDS: dict[str, str] = {
-    "run": "archquant.search.app:run",
-    "search": "archquant.search.app:search",
-    "pareto": "archquant.search.app:pareto",
-    "pick": "archquant.search.app:pick",
-    "distill": "archquant.distill.app:distill",
-    "export": "archquant.export.app:export",
-    "eval": "archquant.evaluation.app:evaluate_cli",
-    "profile": "archquant.latency_tables.app:profile",
-    "generate": "archquant.export.app:generate",
+    "run": "archquant.commands.search:run",
+    "search": "archquant.commands.search:search",
+    "pareto": "archquant.commands.search:pareto",
+    "pick": "archquant.commands.search:pick",
+    "distill": "archquant.commands.distill:distill",
+    "export": "archquant.commands.export:export",
+    "eval": "archquant.commands.eval:evaluate_cli",
+    "profile": "archquant.commands.profile:profile",
+    "generate": "archquant.commands.export:generate",
 }
 
 

@@ -16,10 +16,10 @@ from archquant.data.config import DataConfig
 from archquant.distill.config import DistillConfig
 from archquant.evaluation.config import EvalConfig
 from archquant.export.config import ExportConfig
-from archquant.latency_tables.config import LatencyConfig
+from archquant.latency.config import LatencyConfig
 from archquant.models.config import ModelConfig
 from archquant.search.config import BudgetConfig, ParetoConfig, RunConfig, SearchConfig, SloConfig
-from archquant.supernet.space import SpaceConfig
+from archquant.core.space import SpaceConfig
 
 
 @dataclass

@@ -39,8 +39,8 @@ def _peak_rss_mb() -> float:
 def _worker(kind: str, path: str, context: int, prefill: int, steps: int, repeats: int, threads: int) -> dict:
     """Load one model, time decode and prefill, report peak RSS (runs in a child process)."""
     torch.set_num_threads(threads)
-    from archquant.latency_tables.runtime import time_model_ms
-    from archquant.latency_tables.scenario import Scenario
+    from archquant.latency.runtime import time_model_ms
+    from archquant.latency.scenario import Scenario
 
     t0 = time.perf_counter()
     if kind == "export":
@@ -111,10 +111,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from archquant.config import Config
-    from archquant.distill.subnet import load_arch
+    from archquant.commands.subnet import load_arch
     from archquant.export import save
-    from archquant.export.app import predicted_latency
-    from archquant.latency_tables.config import LatencyConfig
+    from archquant.commands.export import predicted_latency
+    from archquant.latency.config import LatencyConfig
     from archquant.models.registry import load_model
     from archquant.supernet import build, materialize
     from archquant.utils.env import run_header

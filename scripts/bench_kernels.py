@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from archquant.kernels import path_select
 from archquant.kernels.qlinear import QuantLinear
-from archquant.kernels.quant.reference import fake_quant_act, fake_quant_weight
+from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json
 

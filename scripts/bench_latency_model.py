@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from archquant.latency_tables import LatencyModel, Scenario, load_table_for
-from archquant.latency_tables.table import LatencyTable
-from archquant.latency_tables.config import LatencyConfig
-from archquant.latency_tables.loader import roofline_params
-from archquant.latency_tables.roofline import roofline_table, runtime_weight_bytes
-from archquant.latency_tables.runtime import (busy_warning, linear_path_decisions, machine_load, runtime_name,
+from archquant.latency import LatencyModel, Scenario, load_table_for
+from archquant.latency.table import LatencyTable
+from archquant.latency.config import LatencyConfig
+from archquant.latency.loader import roofline_params
+from archquant.latency.roofline import roofline_table, runtime_weight_bytes
+from archquant.latency.runtime import (busy_warning, linear_path_decisions, machine_load, runtime_name,
                                               time_model_ms, to_runtime)
-from archquant.latency_tables.signatures import arch_ops
+from archquant.latency.signatures import arch_ops
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, SpaceConfig, build, materialize
 from archquant.utils.env import run_header
@@ -197,8 +197,8 @@ def main_llamacpp(args, out: Path, log) -> int:
 
     ``--refit`` skips the timing and re-analyses the subnets of an earlier output file.
     """
-    from archquant.backends.llamacpp.validate import validate_llamacpp
-    from archquant.latency_tables.config import LatencyConfig
+    from archquant.latency.validate import validate_llamacpp
+    from archquant.latency.config import LatencyConfig
 
     if args.refit:
         results = json.loads(Path(args.refit).read_text())

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _load_points(args) -> list[dict]:
     """Every requested point as ``{"name", "arch"?: Arch, "gguf"?: Path}``."""
-    from archquant.supernet.arch import Arch
+    from archquant.core.arch import Arch
 
     points: list[dict] = []
     if args.pareto:
@@ -90,7 +90,7 @@ def _for_llamacpp(arch, space):
 
 def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions."""
-    from archquant.backends.llamacpp.runtime import LlamaCppLM, LlamaCppRunner
+    from archquant.engine.llamacpp import LlamaCppLM, LlamaCppRunner
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
     from archquant.evaluation.perplexity import perplexity
@@ -119,8 +119,8 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
 def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: int) -> None:
     """Time every row's ``file`` per scenario with ``measure_interleaved``; adds ``{scenario}_ms`` (median over
     rounds of the session minimum), ``{scenario}_median_ms`` (all samples) and ``{scenario}_rounds_ms``."""
-    from archquant.backends.llamacpp.profiler import time_gguf
-    from archquant.search.measure import LatencyMeasurement, measure_interleaved
+    from archquant.latency.llamacpp_profiler import time_gguf
+    from archquant.latency.measure import LatencyMeasurement, measure_interleaved
 
     def timer(path, scen):
         def run():
@@ -190,19 +190,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from archquant.backends.llamacpp import LlamaCppBackend
-    from archquant.backends.llamacpp.gguf_export import export_gguf
-    from archquant.backends.llamacpp.profiler import sample_archs
-    from archquant.backends.llamacpp.runtime import require_llama_cpp
+    from archquant.engine.gguf_writer import export_gguf
+    from archquant.latency.llamacpp_profiler import sample_archs
+    from archquant.engine.llamacpp import require_llama_cpp
     from archquant.data.calibration import calibration_blocks
-    from archquant.latency_tables.config import LatencyConfig
-    from archquant.latency_tables.loader import find_tables
-    from archquant.latency_tables.model import LatencyModel
-    from archquant.latency_tables.scenario import Scenario
-    from archquant.latency_tables.table import LatencyTable
+    from archquant.latency.config import LatencyConfig
+    from archquant.latency.loader import find_tables
+    from archquant.latency.model import LatencyModel
+    from archquant.latency.scenario import Scenario
+    from archquant.latency.table import LatencyTable
     from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
     from archquant.models.registry import load_model
     from archquant.supernet import Arch, build, materialize
-    from archquant.supernet.space import SpaceConfig, resolve_space
+    from archquant.core.space import SpaceConfig, resolve_space
 
     require_llama_cpp()
     points = _load_points(args)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from archquant.backends.base import get_backend
+from archquant.backends import get_backend
 from archquant.supernet.quant import QuantCache, mix_weights
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json

@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from archquant.search.app import search_job
-    from archquant.search.context import SearchContext
-    from archquant.search.measure import measure_latency
+    from archquant.commands.search import search_job
+    from archquant.commands.session import SearchContext
+    from archquant.latency.measure import measure_latency
     from archquant.supernet import materialize
-    from archquant.supernet.arch import Arch
+    from archquant.core.arch import Arch
     from archquant.utils.env import run_header
     from archquant.utils.io import atomic_write_json
 

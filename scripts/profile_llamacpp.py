@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from archquant.config import Config
-from archquant.latency_tables.config import LatencyConfig
+from archquant.latency.config import LatencyConfig
 from archquant.models.config import ModelConfig
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="rebuild the tables from the timings the last profile dumped under results/ (no timing)")
     args = ap.parse_args(argv)
 
-    from archquant.backends.llamacpp.profiler import profile_llamacpp, refit_llamacpp
+    from archquant.latency.llamacpp_profiler import profile_llamacpp, refit_llamacpp
 
     torch.set_num_threads(args.threads)  # the device name and the tables record this thread count
     budget = 60.0 if args.quick else args.budget

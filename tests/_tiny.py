@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from archquant.models.tiny import tiny_llama
-from archquant.supernet.space import SpaceConfig
+from archquant.core.space import SpaceConfig
 
 VOCAB = 256
 

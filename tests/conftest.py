@@ -1,16 +1,20 @@
-"""Test-session setup: Triton runs in its CPU interpreter when no GPU is present.
+"""Test-session setup: Triton runs in its CPU interpreter when no GPU is present; latency estimates are pinned.
 
 ``TRITON_INTERPRET`` is read when triton is first imported, so it is set here, before any test module
-(or archquant module that imports triton) is collected.
+(or archquant module that imports triton) is collected. ``ARCHQUANT_ROOFLINE`` pins the roofline estimate
+(used for the tiny model, which has no profiled table) to fixed parameters, so budgets derived from it are
+the same on every machine, however fast or busy; subprocesses started by tests inherit it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("ARCHQUANT_ROOFLINE", str(Path(__file__).resolve().parent / "data" / "roofline.json"))

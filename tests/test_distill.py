@@ -10,10 +10,10 @@ import torch
 from archquant.config import Config, LoggerConfig, TrainerConfig
 from archquant.data.config import DataConfig
 from archquant.distill.config import DistillConfig, LoraConfig
-from archquant.latency_tables.config import LatencyConfig
+from archquant.latency.config import LatencyConfig
 from archquant.models.config import ModelConfig
 from archquant.supernet import Arch, build, materialize
-from archquant.supernet.arch import ArchError
+from archquant.core.arch import ArchError
 
 from _tiny import tiny_space, token_ids
 
@@ -71,7 +71,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_distill_reduces_heldout_kd_and_saves_a_loadable_subnet(tmp_path, cache):
-    from archquant.distill.app import load_distilled, run_distill
+    from archquant.commands.distill import load_distilled, run_distill
 
     arch = _arch(tmp_path)
     rec = run_distill(_cfg(tmp_path, arch, "run"), progress=False)
@@ -87,7 +87,7 @@ def test_distill_reduces_heldout_kd_and_saves_a_loadable_subnet(tmp_path, cache)
 
 def test_resumed_distillation_equals_the_uninterrupted_run(tmp_path, cache, monkeypatch):
     from archquant.distill import loop as loop_mod
-    from archquant.distill.app import load_distilled, run_distill
+    from archquant.commands.distill import load_distilled, run_distill
 
     arch = _arch(tmp_path)
     run_distill(_cfg(tmp_path, arch, "straight"), progress=False)
@@ -117,7 +117,7 @@ def test_resumed_distillation_equals_the_uninterrupted_run(tmp_path, cache, monk
 
 
 def test_resume_with_another_config_is_refused(tmp_path, cache):
-    from archquant.distill.app import run_distill
+    from archquant.commands.distill import run_distill
     from archquant.training.checkpoint import ResumeMismatchError
 
     arch = _arch(tmp_path)
@@ -167,7 +167,7 @@ def test_lora_rank_above_a_layer_width_is_refused(tmp_path):
 
 
 def test_arch_for_another_model_is_refused(tmp_path, cache):
-    from archquant.distill.app import run_distill
+    from archquant.commands.distill import run_distill
 
     arch = Arch.load(_arch(tmp_path))
     arch.fingerprint["hidden_size"] = 576

@@ -13,7 +13,7 @@ from archquant.cli import CONFIG_DIR
 from archquant.config import Config, register_configs, to_object
 from archquant.data import DataConfig
 from archquant.evaluation import EvalConfig, evaluate, load_for_eval
-from archquant.evaluation.app import evaluate_cli
+from archquant.commands.eval import evaluate_cli
 from archquant.models.config import ModelConfig
 
 REQUIRED = {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "stderr", "metric"}

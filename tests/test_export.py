@@ -18,7 +18,7 @@ from archquant.export.manifest import ManifestError, write_manifest
 from archquant.export.packed import ExportFormatError, load, load_tokenizer, pack_model, read_record, save
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
-from archquant.supernet.arch import ArchError
+from archquant.core.arch import ArchError
 
 from _tiny import tiny_space, token_ids
 
@@ -177,7 +177,7 @@ def test_existing_folder_and_foreign_arch_are_refused(exported, base, tmp_path):
 @pytest.mark.parametrize("abits", [16, 8])
 def test_compressed_tensors_uniform_export_loads_back_through_the_library(base, tmp_path, abits):
     from archquant.export.compressed import load_compressed_tensors
-    from archquant.kernels.quant.reference import fake_quant_weight
+    from archquant.quant.reference import fake_quant_weight
 
     sn, tok = base
     arch = _uniform_arch(sn, abits=abits)
@@ -243,8 +243,8 @@ def test_trust_remote_code_loads_from_the_folder_alone(exported, tmp_path):
 
 
 def test_generate_and_eval_accept_an_export_folder(exported):
-    from archquant.evaluation.app import load_for_eval
-    from archquant.export.app import generate_text, load_any
+    from archquant.commands.eval import load_for_eval
+    from archquant.commands.export import generate_text, load_any
 
     _, _, res, path = exported
     model, tok = load_any(str(path))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archquant.backends.base import get_backend
-from archquant.kernels.quant import reference as ref
-from archquant.kernels.quant.packing import pack_int, pack_weight, packed_words, unpack_int, values_per_word
+from archquant.backends import get_backend
+from archquant.quant import reference as ref
+from archquant.quant.packing import pack_int, pack_weight, packed_words, unpack_int, values_per_word
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])

@@ -24,7 +24,7 @@ def _load(modname: str):
     mod = importlib.import_module(modname)
     interpreted = type(next(v for k, v in vars(mod).items() if k.endswith("_kernel"))).__name__ == "InterpretedFunction"
     if not _CUDA and not interpreted:  # imported earlier without the interpreter: rebuild the jit objects
-        importlib.reload(sys.modules["archquant.kernels.quant.kernel"])
+        importlib.reload(sys.modules["archquant.kernels.codes"])
         mod = importlib.reload(mod)
     return mod
 
@@ -51,8 +51,8 @@ def _interpreter_env():
     yield
     _restore_env()
 
-from archquant.kernels.quant.packing import pack_weight  # noqa: E402
-from archquant.kernels.quant.reference import fake_quant_act, fake_quant_weight  # noqa: E402
+from archquant.quant.packing import pack_weight  # noqa: E402
+from archquant.quant.reference import fake_quant_act, fake_quant_weight  # noqa: E402
 from archquant.kernels.w8a8_matmul.reference import w8a8_matmul_ref  # noqa: E402
 from archquant.kernels.wq_matmul.reference import wq_matmul_ref  # noqa: E402
 

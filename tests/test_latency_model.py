@@ -10,16 +10,16 @@ import random
 import pytest
 import torch
 
-from archquant.backends.base import BackendError, get_backend
-from archquant.latency_tables import LatencyModel, LatencyTable, TableError, TableMismatchWarning, load_table_for
-from archquant.latency_tables.config import LatencyConfig
-from archquant.latency_tables.roofline import RooflineParams, save_roofline
-from archquant.latency_tables.scenario import Scenario
-from archquant.latency_tables.signatures import enumerate_signatures
-from archquant.latency_tables.table import TABLE_VERSION
+from archquant.backends import BackendError, get_backend
+from archquant.latency import LatencyModel, LatencyTable, TableError, TableMismatchWarning, load_table_for
+from archquant.latency.config import LatencyConfig
+from archquant.latency.roofline import RooflineParams, save_roofline
+from archquant.latency.scenario import Scenario
+from archquant.latency.signatures import enumerate_signatures
+from archquant.latency.table import TABLE_VERSION
 from archquant.models.tiny import tiny_llama, tiny_llama_config
-from archquant.supernet.arch import Arch
-from archquant.supernet.space import SpaceConfig, resolve_space
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 from archquant.utils.env import device_name, versions
 
 TINY = dict(width_multiple=32, group_size=32)

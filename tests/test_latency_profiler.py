@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archquant.backends.base import Backend, get_backend
+from archquant.backends import Backend, get_backend
 from archquant.config import Config
-from archquant.latency_tables import LatencyModel, LatencyTable
-from archquant.latency_tables import profiler as prof
-from archquant.latency_tables.app import _space_config_of, _uses_reference_quantiser, profile
-from archquant.latency_tables.config import LatencyConfig
-from archquant.latency_tables.roofline import RooflineParams, roofline_ms
-from archquant.latency_tables.runtime import make_linear_runner, time_model_ms, to_runtime
-from archquant.latency_tables.scenario import Scenario
-from archquant.latency_tables.signatures import enumerate_signatures, signature_key
+from archquant.latency import LatencyModel, LatencyTable
+from archquant.latency import profiler as prof
+from archquant.commands.profile import _space_config_of, _uses_reference_quantiser, profile
+from archquant.latency.config import LatencyConfig
+from archquant.latency.roofline import RooflineParams, roofline_ms
+from archquant.latency.runtime import make_linear_runner, time_model_ms, to_runtime
+from archquant.latency.scenario import Scenario
+from archquant.latency.signatures import enumerate_signatures, signature_key
 from archquant.models.config import ModelConfig
 from archquant.models.tiny import tiny_llama, tiny_llama_config
-from archquant.kernels.quant.reference import fake_quant_act, fake_quant_weight
-from archquant.supernet.arch import Arch
-from archquant.supernet.space import SpaceConfig, resolve_space
+from archquant.quant.reference import fake_quant_act, fake_quant_weight
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 
 SMALL = SpaceConfig(hidden=[1.0], kv_groups=[1.0, 0.5], mlp=[1.0, 0.5], wbits=[16, 4], abits=[16, 8],
                     lm_head_bits=[16, 8], width_multiple=32, group_size=32)  # few shapes: QuantLinear times each once

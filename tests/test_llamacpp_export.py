@@ -10,8 +10,8 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from archquant.backends.llamacpp import quant
-from archquant.backends.llamacpp.gguf_export import (
+from archquant.quant import gguf as quant
+from archquant.engine.gguf_writer import (
     GGUFExportError,
     check_gguf,
     export_gguf,
@@ -20,10 +20,10 @@ from archquant.backends.llamacpp.gguf_export import (
     tokenizer_kv_from_hf,
     unpermute_rope_pairs,
 )
-from archquant.backends.llamacpp.gguf_meta import read_header
+from archquant.engine.gguf_reader import read_header
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
-from archquant.supernet.space import SpaceConfig
+from archquant.core.space import SpaceConfig
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_header_reader_agrees_with_gguf_reader(tiny, hetero, tmp_path):
 
 
 def test_missing_llama_cpp_names_the_install_command(monkeypatch):
-    from archquant.backends.llamacpp import runtime
+    from archquant.engine import llamacpp as runtime
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(runtime.LlamaCppMissingError, match=r"pip install llama-cpp-python==0\.3\.36"):
@@ -239,7 +239,7 @@ def test_materialised_gguf_types_survive_export_and_reload(tiny, tmp_path):
 
 
 def test_backend_options_that_do_not_fit_fail_clearly():
-    from archquant.backends.base import BackendError, get_backend
+    from archquant.backends import BackendError, get_backend
 
     assert get_backend("llamacpp", {"types": {"4": "Q4_1"}}).types[4] == "Q4_1"
     with pytest.raises(BackendError, match="does not take the options"):

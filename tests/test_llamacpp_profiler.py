@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from archquant.backends.llamacpp import LlamaCppBackend
-from archquant.backends.llamacpp.gguf_export import check_gguf
-from archquant.backends.llamacpp.profiler import CostModel, SubnetShape, sample_archs, write_synthetic_gguf
-from archquant.latency_tables.model import LatencyModel
-from archquant.latency_tables.scenario import Scenario
-from archquant.latency_tables.table import LatencyTable
+from archquant.engine.gguf_writer import check_gguf
+from archquant.latency.llamacpp_profiler import CostModel, SubnetShape, sample_archs, write_synthetic_gguf
+from archquant.latency.model import LatencyModel
+from archquant.latency.scenario import Scenario
+from archquant.latency.table import LatencyTable
 from archquant.models.tiny import tiny_llama_config
-from archquant.supernet.arch import Arch
-from archquant.supernet.space import SpaceConfig, resolve_space
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_profile_writes_a_complete_table(space, tmp_path):
     pytest.importorskip("llama_cpp")
     import json
 
-    from archquant.backends.llamacpp.profiler import STATISTIC, fit_table, profile_table
+    from archquant.latency.llamacpp_profiler import STATISTIC, fit_table, profile_table
     from archquant.models.tiny import tiny_llama
 
     model = tiny_llama(vocab_size=259, num_hidden_layers=4)
@@ -101,8 +101,8 @@ def test_profile_writes_a_complete_table(space, tmp_path):
 def test_table_from_another_llama_cpp_version_warns_or_is_refused(space, tmp_path):
     import dataclasses
 
-    from archquant.latency_tables import TableError, TableMismatchWarning, load_table_for
-    from archquant.latency_tables.config import LatencyConfig
+    from archquant.latency import TableError, TableMismatchWarning, load_table_for
+    from archquant.latency.config import LatencyConfig
     from archquant.utils.env import device_name, versions
 
     be = LlamaCppBackend()
@@ -121,7 +121,7 @@ def test_table_from_another_llama_cpp_version_warns_or_is_refused(space, tmp_pat
 
 
 def test_session_statistic_is_the_median_of_session_minima():
-    from archquant.backends.llamacpp.profiler import session_stat
+    from archquant.latency.llamacpp_profiler import session_stat
 
     # three sessions of 3 samples: minima 5, 2, 9 -> median 5 (the global minimum 2 is one lucky session)
     assert session_stat([7, 5, 6, 2, 3, 4, 9, 11, 10], 3) == 5.0

@@ -22,11 +22,11 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from archquant.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from archquant.backends.llamacpp.gguf_export import GGUFExportError, export_gguf  # noqa: E402
-from archquant.backends.llamacpp.runtime import LlamaCppRunner, generate  # noqa: E402
+from archquant.engine.gguf_writer import GGUFExportError, export_gguf  # noqa: E402
+from archquant.engine.llamacpp import LlamaCppRunner, generate  # noqa: E402
 from archquant.models.registry import load_model  # noqa: E402
 from archquant.supernet import Arch, build, materialize  # noqa: E402
-from archquant.supernet.space import SpaceConfig  # noqa: E402
+from archquant.core.space import SpaceConfig  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
@@ -174,7 +174,7 @@ def test_generate_answers_from_the_embedded_gguf():
 
 
 def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
-    from archquant.export.app import gguf_to_serve
+    from archquant.commands.export import gguf_to_serve
 
     model, tok = tiny
     folder = tmp_path / "export"

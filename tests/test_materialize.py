@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from archquant.kernels.quant.reference import fake_quant_act, fake_quant_weight
+from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM, QuantLinear
 from archquant.supernet import Arch, ArchError, build, materialize
 from tests._tiny import one_thread, tiny_model, tiny_space, token_ids

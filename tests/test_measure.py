@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from archquant.search.measure import LatencyMeasurement, measure_interleaved, prepare_timer
+from archquant.latency.measure import LatencyMeasurement, measure_interleaved, prepare_timer
 
 
 def _clocked(bases: dict[str, float], spell: set[int]):
@@ -81,19 +81,19 @@ def test_other_backends_time_a_fresh_model_each_round():
         seen.append(model)
         return LatencyMeasurement(ms=1.0, method="fake meter")
 
-    from archquant.search.measure import _METERS, register_latency_meter
+    from archquant.latency.measure import _METERS, register_latency_meter
 
     register_latency_meter("fake-backend")(meter)
     try:
-        from archquant.backends import base
+        from archquant import backends
 
-        class Fake(base.Backend):
+        class Fake(backends.Backend):
             name = "fake-backend"
 
-        base.register_backend(Fake)
+        backends.register_backend(Fake)
         cfg = SimpleNamespace(backend="fake-backend")
         out = measure_interleaved({"m": prepare_timer(model_fn, cfg, "/nonexistent")}, rounds=2)
         assert out["m"].ms == 1.0 and len(made) == 2 and seen[0] is not seen[1]
     finally:
         _METERS.pop("fake-backend", None)
-        base._REGISTRY.pop("fake-backend", None)
+        backends.BACKENDS.pop("fake-backend", None)

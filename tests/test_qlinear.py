@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archquant.backends.base import Backend, BackendError, get_backend
+from archquant.backends import Backend, BackendError, get_backend
 from archquant.kernels import path_select
 from archquant.kernels.qlinear import QuantLinear
-from archquant.kernels.quant.reference import fake_quant_weight
+from archquant.quant.reference import fake_quant_weight
 
 # int4pack_bf16 vs the fp32 fake-quant forward: activations, per-group S and Z, and the output are
 # rounded to bf16 (relative 2^-9 = 1.95e-3 each). Measured relative Frobenius error 1.8e-3..2.4e-3 on

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archquant.kernels.quant.reference import (
+from archquant.quant.reference import (
     dequantize_weight,
     fake_quant_act,
     fake_quant_weight,

@@ -2,7 +2,7 @@
 
 ``FakeSupernet`` is a bigram LM whose logits drift from the teacher's in proportion to the expected
 "damage" of the gate choices (0 for the first choice of every gate); ``AnalyticLatency`` is additive in
-the gates. Both follow the contracts of ``archquant.supernet`` / ``archquant.latency_tables``, so the
+the gates. Both follow the contracts of ``archquant.supernet`` / ``archquant.latency``, so the
 search, pruner, checkpoints and DDP path can be tested in milliseconds without the real ones.
 """
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from archquant.models.tiny import tiny_llama_config
-from archquant.supernet.arch import Arch
-from archquant.supernet.space import SpaceConfig, resolve_space
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 
 VOCAB = 48
 

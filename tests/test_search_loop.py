@@ -12,7 +12,7 @@ from archquant.search.budget import BudgetError, argmax_choices, check_budget, f
 from archquant.search.config import BudgetConfig, SearchConfig
 from archquant.search.loop import ArchSearch, SearchSetupError, run_search
 from archquant.search.teacher import compute_teacher_targets
-from archquant.supernet.arch import Arch
+from archquant.core.arch import Arch
 from archquant.training import NonFiniteLossError, ResumeMismatchError
 from test_search_fakes import VOCAB, AnalyticLatency, FakeSupernet, tiny_space
 

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from archquant.models.tiny import tiny_llama_config
-from archquant.supernet.arch import Arch, ArchError
-from archquant.supernet.space import SpaceConfig, SpaceError, resolve_space
+from archquant.core.arch import Arch, ArchError
+from archquant.core.space import SpaceConfig, SpaceError, resolve_space
 
 
 class _SmolConfig:

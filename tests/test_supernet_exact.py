@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archquant.backends.base import Backend, register_backend
-from archquant.kernels.quant.reference import fake_quant_act as ref_fake_quant_act
+from archquant.backends import Backend, register_backend
+from archquant.quant.reference import fake_quant_act as ref_fake_quant_act
 from archquant.models.hetero import QuantLinear
 from archquant.supernet import Arch, build, materialize
 from archquant.supernet.linear import ElasticLinear

@@ -188,7 +188,7 @@ def test_checkpoint_carries_the_rope_pair_order(tmp_path):
 @pytest.mark.parametrize("backend_name", ["torch", "llamacpp"])
 def test_output_mixing_equals_weight_mixing_with_gradients(backend_name):
     # few rows mix outputs (one matmul per bits choice), many rows mix weights: same value, same gradients
-    from archquant.backends.base import get_backend
+    from archquant.backends import get_backend
     from archquant.supernet.linear import ElasticLinear
     from archquant.supernet.quant import act_classes, mixed_act
 
@@ -223,7 +223,7 @@ def test_output_mixing_equals_weight_mixing_with_gradients(backend_name):
 
 @pytest.mark.parametrize("bits", [[16, 8, 4], [8, 16, 4], [8, 4], [4, 8, 16]])
 def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
-    from archquant.backends.base import get_backend
+    from archquant.backends import get_backend
     from archquant.supernet.quant import QuantCache
 
     be = get_backend("torch")
@@ -249,7 +249,7 @@ def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
 
 
 def test_mixed_choices_pass_straight_through_gradients_to_trainable_weights():
-    from archquant.backends.base import get_backend
+    from archquant.backends import get_backend
     from archquant.supernet.quant import QuantCache
 
     be = get_backend("torch")

@@ -1,5 +1,6 @@
-"""Serving engines: each says what it computes (quantisers), what it can run (space rules) and how fast."""
+"""Serving engines' weight formats: what each computes (quantisers), can run (space rules) and stores (bytes)."""
 
-from archquant.backends.base import Backend, get_backend
+from archquant.backends.base import Backend, BackendError
+from archquant.backends.registry import BACKENDS, get_backend, register_backend
 
-__all__ = ["Backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "get_backend", "register_backend"]

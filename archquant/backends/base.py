@@ -1,18 +1,18 @@
 """The backend interface. Backend-independent code asks a ``Backend`` object; it never branches on names.
 
-A backend is the engine that will serve the compressed model (``torch``, ``triton``, ``llamacpp``). It
-fixes (1) the quantiser semantics the supernet must simulate, (2) the space rules the engine imposes,
-(3) which latency tables apply.
+A backend is the weight format of the engine that will serve the compressed model (``torch``, ``triton``,
+``llamacpp``): (1) the quantiser semantics the supernet must simulate, (2) the space rules the engine
+imposes, (3) the bytes a weight takes. It is a plain object: it loads no model and times nothing (the
+profilers in ``archquant.latency`` do).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import ClassVar
 
 import torch
 
-from archquant.kernels.quant import reference as ref
+from archquant.quant import reference as ref
 
 
 class BackendError(ValueError):
@@ -20,7 +20,7 @@ class BackendError(ValueError):
 
 
 class Backend:
-    """Base backend: the reference group-wise quantiser of ``archquant.kernels.quant``.
+    """Base backend: the reference group-wise quantiser of ``archquant.quant``.
 
     Subclasses override the quantisers and ``restrict_space`` to match their engine.
     """
@@ -61,38 +61,3 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
-
-
-class TorchBackend(Backend):
-    """The reference runtime (any device): group-wise asymmetric weights, per-token int8 activations."""
-
-    name = "torch"
-
-
-class TritonBackend(Backend):
-    """This package's Triton kernels on CUDA: same quantiser as torch; kernels exist for 8 and 4 bits."""
-
-    name = "triton"
-    weight_bits = (16, 8, 4)
-
-
-_REGISTRY: dict[str, type[Backend]] = {"torch": TorchBackend, "triton": TritonBackend}
-
-
-def register_backend(cls: type[Backend]) -> type[Backend]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_backend(name: str, options: dict | None = None) -> Backend:
-    """Instantiate a backend by name (``torch``, ``triton``, ``llamacpp``) with its ``options()``."""
-    if name == "llamacpp" and name not in _REGISTRY:
-        import archquant.backends.llamacpp  # noqa: F401  (registers itself)
-    if name not in _REGISTRY:
-        raise BackendError(f"latency.backend={name!r} is unknown; choose one of {sorted(_REGISTRY) + ['llamacpp']}")
-    cls = _REGISTRY[name]
-    try:
-        inspect.signature(cls).bind(**(options or {}))
-    except TypeError as err:
-        raise BackendError(f"backend {name!r} does not take the options {options}: {err}") from None
-    return cls(**(options or {}))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from archquant.data.config import DEFAULT_TASK_FILES, DataConfig
 from archquant.data.files import DataFormatError, resolve_data_path, set_datasets_offline
-from archquant.paths import cache_dir
+from archquant.utils.paths import cache_dir
 
 TASKS = tuple(DEFAULT_TASK_FILES)
 

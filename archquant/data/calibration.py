@@ -18,7 +18,7 @@ import torch
 
 from archquant.data.config import DataConfig
 from archquant.data.files import file_sha256, resolve_data_path
-from archquant.paths import cache_dir
+from archquant.utils.paths import cache_dir
 from archquant.utils.io import atomic_write_bytes
 
 GUTENBERG_START = "*** START OF TH"  # "THIS" or "THE" PROJECT GUTENBERG EBOOK ...

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from archquant.data.config import DataConfig
-from archquant.paths import DATA_ENV, default_data_root
+from archquant.utils.paths import DATA_ENV, default_data_root
 
 
 class DataFileNotFoundError(FileNotFoundError):

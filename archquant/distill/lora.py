@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archquant.export.layout import LINEAR_PATHS
+from archquant.core.linears import MODULE_PATHS
 
 
 class LoraRankError(ValueError):
@@ -46,7 +46,7 @@ def check_rank(model: nn.Module, rank: int, targets: list[str]) -> None:
     """Refuse a rank above ``min(in, out)`` of any adapted linear, naming the first such layer."""
     for i, block in enumerate(model.model.layers):
         for lin in targets:
-            mod = block.get_submodule(LINEAR_PATHS[lin])
+            mod = block.get_submodule(MODULE_PATHS[lin])
             width = min(mod.in_features, mod.out_features)
             if rank > width:
                 raise LoraRankError(
@@ -66,7 +66,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> n
     from archquant.models.hetero import QuantLinear as FakeQuantLinear
 
     check_rank(model, rank, targets)
-    names = sorted({LINEAR_PATHS[t].split(".")[-1] for t in targets})
+    names = sorted({MODULE_PATHS[t].split(".")[-1] for t in targets})
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none")
     config._register_custom_module({FakeQuantLinear: _qat_lora_linear_cls()})
     return get_peft_model(model, config)

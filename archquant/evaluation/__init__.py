@@ -1,6 +1,6 @@
 """Evaluation: perplexity over fixed windows and the lm-eval-compatible zero-shot suite."""
 
-from archquant.evaluation.app import evaluate, format_table, load_for_eval, register_eval_loader
+from archquant.commands.eval import evaluate, format_table, load_for_eval, register_eval_loader
 from archquant.evaluation.config import ALL_TASKS, EvalConfig
 from archquant.evaluation.loglik import LoglikResult, encode_pair, loglikelihood
 from archquant.evaluation.perplexity import perplexity

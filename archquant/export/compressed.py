@@ -35,8 +35,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from archquant.export.layout import LINEAR_PATHS, ModelLayout, model_layout
-from archquant.kernels.quant.reference import dequantize_weight, quantize_weight
+from archquant.core.layout import ModelLayout, model_layout
+from archquant.core.linears import MODULE_PATHS
+from archquant.quant.reference import dequantize_weight, quantize_weight
 
 CT_DIRNAME = "compressed-tensors"
 
@@ -128,7 +129,7 @@ def quantization_config(layout: ModelLayout):
     groups: dict[tuple[int, int], list[str]] = {}
     ignore: list[str] = []
     for i, layer in enumerate(layout.layers):
-        for lin, sub in LINEAR_PATHS.items():
+        for lin, sub in MODULE_PATHS.items():
             name = f"model.layers.{i}.{sub}"
             wb = layer.wbits[lin]
             if wb >= 16 and layer.abits >= 16:
@@ -205,7 +206,7 @@ def save_compressed_tensors(
     state = _float_state(model, layout, float_dtype)
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     linears = {f"model.layers.{i}.{sub}": (model.model.layers[i].get_submodule(sub), layer.wbits[lin])
-               for i, layer in enumerate(layout.layers) for lin, sub in LINEAR_PATHS.items()}
+               for i, layer in enumerate(layout.layers) for lin, sub in MODULE_PATHS.items()}
     if not layout.tied_lm_head:
         linears["lm_head"] = (model.lm_head, layout.lm_head_bits)
     for name, (mod, wb) in linears.items():

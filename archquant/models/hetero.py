@@ -201,7 +201,7 @@ class QuantLinear(nn.Linear):
     @property
     def backend(self):
         if self._backend is None:
-            from archquant.backends.base import get_backend
+            from archquant.backends import get_backend
 
             self._backend = get_backend(self.backend_name, self.backend_options)
         return self._backend

@@ -2,7 +2,7 @@
 
 from archquant.search.budget import BudgetError, FeasibleRange, check_budget, feasible_range, repair_to_budget
 from archquant.search.loop import ArchSearch, SearchResult, SearchSetupError, run_search
-from archquant.search.measure import LatencyMeasurement, measure_latency, register_latency_meter
+from archquant.latency.measure import LatencyMeasurement, measure_latency, register_latency_meter
 from archquant.search.objective import hinge_penalty, kd_loss
 from archquant.search.pareto import ParetoPoint, collect_runs, load_points, non_dominated
 from archquant.search.pick import PickResult, pick_point

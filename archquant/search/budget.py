@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from archquant.supernet.arch import Arch
-from archquant.supernet.space import Space
+from archquant.core.arch import Arch
+from archquant.core.space import Space
 
 
 class BudgetError(ValueError):

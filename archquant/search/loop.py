@@ -15,7 +15,7 @@ from archquant.search.pruner import EntropyPruner
 from archquant.search.result import SearchResult
 from archquant.search.schedule import penalty_scale, temperature
 from archquant.search.teacher import TeacherTargets
-from archquant.supernet.arch import Arch
+from archquant.core.arch import Arch
 from archquant.supernet.linear import ElasticLinear
 from archquant.training.loop import FabricLoop
 

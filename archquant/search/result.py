@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from archquant.supernet.arch import Arch
+from archquant.core.arch import Arch
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archquant.backends.base import Backend
+from archquant.backends import Backend
 from archquant.supernet.linear import ElasticLinear, as_sel
 from archquant.supernet.masks import expected, rope_pair_table, width_table
 from archquant.supernet.quant import mixed_act

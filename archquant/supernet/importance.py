@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from archquant.supernet.space import model_fingerprint
+from archquant.core.space import model_fingerprint
 
 IMPORTANCE_VERSION = 1
 
@@ -169,11 +169,11 @@ def load_or_compute(model, calib_ids: torch.Tensor, cache_dir: str | Path | None
     """Importance from ``<cache_dir>/importance/<key>.safetensors``, computing and storing it once.
 
     Args:
-        cache_dir: cache root (default ``archquant.paths.cache_dir()``, i.e. ``$ARCHQUANT_CACHE``).
+        cache_dir: cache root (default ``archquant.utils.paths.cache_dir()``, i.e. ``$ARCHQUANT_CACHE``).
     """
     from safetensors.torch import load_file, save_file
 
-    from archquant.paths import cache_dir as default_cache
+    from archquant.utils.paths import cache_dir as default_cache
 
     if calib_ids.dim() != 2 or calib_ids.numel() == 0:
         raise ValueError(

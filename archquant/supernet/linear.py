@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archquant.backends.base import Backend
+from archquant.backends import Backend
 from archquant.supernet.quant import QuantCache, WeightChoices
 
 Sel = int | torch.Tensor | None  # None: all; int: a prefix; LongTensor: a gathered index list

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
-from archquant.supernet.arch import Arch
+from archquant.core.arch import Arch
 from archquant.supernet.attention import attention_index
 from archquant.supernet.model import Supernet
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from archquant.backends.base import Backend
+from archquant.backends import Backend
 from archquant.supernet.linear import ElasticLinear
 from archquant.supernet.masks import expected, width_table
 from archquant.supernet.quant import mixed_act

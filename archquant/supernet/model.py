@@ -22,18 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archquant.backends.base import Backend
-from archquant.supernet.arch import Arch, ArchError
+from archquant.backends import Backend
+from archquant.core.arch import Arch, ArchError
 from archquant.supernet.block import SuperBlock
 from archquant.supernet.gates import GateError, GateSet
 from archquant.supernet.masks import expected, width_table
 from archquant.supernet.quant import mixed_act, onehot_index
-from archquant.supernet.space import Space
+from archquant.core.space import Space
 
 STATE_VERSION = 1
 LAYER_KEYS = ("kv_groups", "q_per_group", "head_dim", "mlp", "keep", "abits")
 ATTN_LINEARS = ("q", "k", "v", "o")
-MLP_LINEARS = ("gate", "up", "down")
 MODES = ("vectorized", "naive")
 
 

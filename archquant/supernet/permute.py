@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from archquant.supernet.importance import Importance
-from archquant.supernet.space import Space
+from archquant.core.space import Space
 
 
 @dataclass

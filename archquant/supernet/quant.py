@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from archquant.backends.base import Backend, BackendError
+from archquant.backends import Backend, BackendError
 
 
 def act_classes(backend: Backend, abits: list[int], wbits: list[int]) -> list[int]:

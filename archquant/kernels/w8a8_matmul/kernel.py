@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from archquant.kernels.quant.kernel import load_codes
-from archquant.kernels.quant.reference import quantize_act
+from archquant.kernels.codes import load_codes
+from archquant.quant.reference import quantize_act
 from archquant.kernels.wq_matmul.kernel import _block_k, check_operands
 
 

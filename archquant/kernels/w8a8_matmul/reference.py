@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archquant.kernels.quant.packing import unpack_int
-from archquant.kernels.quant.reference import dequantize_weight, quantize_act
+from archquant.quant.packing import unpack_int
+from archquant.quant.reference import dequantize_weight, quantize_act
 
 
 def w8a8_matmul_ref(

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from archquant.kernels.quant.kernel import load_codes
-from archquant.kernels.quant.packing import packed_words
+from archquant.kernels.codes import load_codes
+from archquant.quant.packing import packed_words
 
 KERNEL_BITS = (8, 4)
 GEMV_MAX_M = 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from archquant.kernels.quant.packing import unpack_int
-from archquant.kernels.quant.reference import dequantize_weight
+from archquant.quant.packing import unpack_int
+from archquant.quant.reference import dequantize_weight
 
 
 def wq_matmul_ref(
@@ -16,7 +16,7 @@ def wq_matmul_ref(
 
     Args:
         x: activations. Shape: ``[M, K]``.
-        qweight: packed codes (``archquant.kernels.quant.packing``). Shape: ``[N, ceil(K / (32 // bits))]``.
+        qweight: packed codes (``archquant.quant.packing``). Shape: ``[N, ceil(K / (32 // bits))]``.
         scales: fp16. Shape: ``[N, K // group_size]``.
         zeros: uint8. Shape: ``[N, K // group_size]``.
         bits: weight bits.

@@ -1,0 +1,315 @@
+"""Run a GGUF in llama.cpp (through ``llama-cpp-python``): logits for token ids, greedy generation, timing.
+
+``LlamaCppRunner`` drives llama.cpp's C API through the binding's thin wrappers (model, context,
+batch), not the high-level ``Llama`` class: that class allocates an ``n_ctx x vocab`` score buffer
+and copies logits on every call, which would be timed along with llama.cpp. Before a file is loaded
+its metadata is checked (``check_gguf``) for the shapes that abort the process instead of raising.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INSTALL_HINT = (
+    "pip install llama-cpp-python==0.3.36  (PyPI has only the source: it compiles llama.cpp with cmake + a C++ "
+    "compiler, ~12 min on 2 cores; pip caches the built wheel)"
+)
+KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16 / GGML_TYPE_F32
+
+
+class LlamaCppMissingError(ImportError):
+    """``llama-cpp-python`` is not installed."""
+
+
+def require_llama_cpp():
+    """Import ``llama_cpp`` or raise with the install command."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise LlamaCppMissingError(f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}") from err
+    _quiet(llama_cpp)
+    return llama_cpp
+
+
+_LOG_CB = None
+
+
+def _quiet(llama_cpp) -> None:
+    """Route llama.cpp's own logging to nowhere (it prints every tensor on load otherwise)."""
+    global _LOG_CB
+    if _LOG_CB is None:
+        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_LOG_CB, None)
+
+
+def llama_cpp_version() -> str:
+    """``llama-cpp-python`` version string (tables record it), or ``missing``."""
+    try:
+        from importlib.metadata import version
+
+        return version("llama-cpp-python")
+    except Exception:
+        return "missing"
+
+
+class LlamaCppRunner:
+    """One GGUF loaded in llama.cpp on the CPU.
+
+    Args:
+        gguf_path: the model file.
+        n_ctx: KV-cache length (tokens).
+        n_threads: CPU threads for decode and prompt processing.
+        n_batch: the most tokens one ``decode`` call takes (prefill longer prompts in chunks).
+        kv_type: ``f16`` (llama.cpp's default) or ``f32`` (for bit-level comparisons with torch).
+        flash_attn: llama.cpp's fused attention (off: the binding's default).
+        check: validate the file's shapes before loading.
+    """
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        *,
+        n_ctx: int = 512,
+        n_threads: int = 2,
+        n_batch: int = 512,
+        kv_type: str = "f16",
+        flash_attn: bool = False,
+        check: bool = True,
+    ) -> None:
+        llama_cpp = require_llama_cpp()
+        from llama_cpp import _internals as internals
+
+        self.path = Path(gguf_path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"GGUF {self.path} does not exist (export one with archquant-export format=gguf)")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if check:
+            from archquant.engine.gguf_writer import check_gguf
+
+            self.info = check_gguf(self.path)
+        else:
+            self.info = {}
+        self._llama_cpp = llama_cpp
+        mparams = llama_cpp.llama_model_default_params()
+        self._model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = int(n_ctx)
+        cparams.n_batch = int(n_batch)
+        cparams.n_ubatch = int(n_batch)
+        cparams.n_threads = int(n_threads)
+        cparams.n_threads_batch = int(n_threads)
+        cparams.type_k = KV_TYPES[kv_type]
+        cparams.type_v = KV_TYPES[kv_type]
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=int(n_batch), embd=0, n_seq_max=1, verbose=False)
+        self.n_ctx = int(n_ctx)
+        self.n_batch = int(n_batch)
+        self.n_threads = int(n_threads)
+        self.kv_type = kv_type
+        self.flash_attn = bool(flash_attn)
+        self.n_vocab = self._model.n_vocab()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        for obj in ("_batch", "_ctx", "_model"):
+            h = getattr(self, obj, None)
+            if h is not None:
+                h.close()
+                setattr(self, obj, None)
+
+    def __enter__(self) -> LlamaCppRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        if not ids:
+            raise ValueError("token ids must not be empty")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.n_vocab})")
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens do not fit n_ctx={self.n_ctx}; create the runner with a larger n_ctx")
+        return ids
+
+    def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> None:
+        self._batch.set_batch(batch=ids, n_past=n_past, logits_all=all_logits)
+        self._ctx.decode(self._batch)
+
+    def _logits_rows(self, n: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n, self.n_vocab)).copy()
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self._ctx.kv_cache_clear()
+
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits of every position of one sequence, from an empty cache.
+
+        Shape: ``ids [S]`` -> ``[S, vocab]`` float32.
+        """
+        ids = self._check_ids(ids)
+        self.reset()
+        rows = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            self._decode(chunk, start, True)
+            rows.append(self._logits_rows(len(chunk)))
+        return torch.from_numpy(np.concatenate(rows, axis=0))
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int, *, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of ``ids`` (new ids only; stops after a token in ``stop_ids``)."""
+        ids = self._check_ids(ids)
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt {len(ids)} + {max_new_tokens} new tokens exceed n_ctx={self.n_ctx}")
+        self.reset()
+        for start in range(0, len(ids), self.n_batch):
+            self._decode(ids[start : start + self.n_batch], start, False)
+        pos, out = len(ids), []
+        stop = {int(s) for s in stop_ids}
+        for _ in range(max_new_tokens):
+            nxt = int(np.argmax(np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,))))
+            out.append(nxt)
+            if nxt in stop:
+                break
+            self._decode([nxt], pos, False)
+            pos += 1
+        return out
+
+    # ---- text --------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of ``text`` with the GGUF's own tokenizer (BOS added only if the file says so)."""
+        add_bos = bool(self._model.add_bos_token()) if add_special else False
+        return self._model.tokenize(text.encode("utf-8"), add_bos, True)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._model.detokenize([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._model.token_eos())
+
+    def chat_template(self) -> str | None:
+        return self._model.metadata().get("tokenizer.chat_template")
+
+    # ---- timing ------------------------------------------------------------------------------
+    def time_decode(self, context: int = 256, tokens: int = 32, warmup: int = 3, seed: int = 0) -> dict:
+        """Milliseconds per decoded token with ``context`` tokens in the KV cache (batch 1).
+
+        Every timed token is decoded at position ``context`` (its KV entry is removed after), so all
+        samples see the same cache length. Returns the median and the samples (noise is reported, not hidden).
+        """
+        if context + 1 > self.n_ctx:
+            raise ValueError(f"context {context} does not fit n_ctx={self.n_ctx}")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, self.n_vocab, size=context).tolist()
+        self.reset()
+        for start in range(0, context, self.n_batch):
+            self._decode(prompt[start : start + self.n_batch], start, False)
+        samples = []
+        tok = rng.integers(0, self.n_vocab, size=warmup + tokens).tolist()
+        for i, t in enumerate(tok):
+            t0 = time.perf_counter()
+            self._decode([t], context, False)
+            dt = (time.perf_counter() - t0) * 1e3
+            self._ctx.kv_cache_seq_rm(0, context, -1)
+            if i >= warmup:
+                samples.append(dt)
+        return {"ms": statistics.median(samples), "samples": samples, "context": context}
+
+    def time_prefill(self, length: int = 128, repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict:
+        """Milliseconds to process a ``length``-token prompt from an empty cache (one decode call, batch 1)."""
+        if length > min(self.n_ctx, self.n_batch):
+            raise ValueError(f"prefill length {length} exceeds n_ctx={self.n_ctx} / n_batch={self.n_batch}")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, self.n_vocab, size=length).tolist()
+        samples = []
+        for i in range(warmup + repeats):
+            self.reset()
+            t0 = time.perf_counter()
+            self._decode(prompt, 0, False)
+            dt = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                samples.append(dt)
+        return {"ms": statistics.median(samples), "samples": samples, "prefill_len": length}
+
+
+def generate(
+    gguf_path: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    *,
+    chat: bool = False,
+    n_threads: int = 2,
+    n_ctx: int = 2048,
+) -> str:
+    """Answer ``prompt`` with a GGUF (greedy).
+
+    Args:
+        gguf_path: model file (e.g. the ``model.gguf`` of an export folder).
+        prompt: the text; with ``chat=True`` it is wrapped as one user message in the file's chat template.
+        max_new_tokens: most tokens to generate (stops early at end-of-sequence).
+        chat: apply ``tokenizer.chat_template`` from the GGUF.
+        n_threads: CPU threads.
+        n_ctx: KV-cache length.
+
+    Returns:
+        The generated text (without the prompt).
+    """
+    with LlamaCppRunner(gguf_path, n_ctx=n_ctx, n_threads=n_threads) as runner:
+        text = prompt
+        if chat:
+            template = runner.chat_template()
+            if not template:
+                raise ValueError(f"{gguf_path} has no tokenizer.chat_template; call generate(..., chat=False)")
+            import jinja2.sandbox
+
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            text = env.from_string(template).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = runner.tokenize(text)
+        out = runner.generate_ids(ids, max_new_tokens, stop_ids=[runner.eos_id])
+        if out and out[-1] == runner.eos_id:
+            out = out[:-1]
+        return runner.detokenize(out)
+
+
+class LlamaCppLM(torch.nn.Module):
+    """A GGUF seen as a causal-LM module for ``archquant.evaluation`` (perplexity, zero-shot scoring).
+
+    ``forward(input_ids)`` returns llama.cpp's logits for every position of every row (each row from
+    an empty cache; right padding therefore never affects the real positions).
+
+    Args:
+        runner: an open ``LlamaCppRunner`` (its ``n_ctx`` is the longest row accepted).
+    """
+
+    def __init__(self, runner: LlamaCppRunner) -> None:
+        super().__init__()
+        self.runner = runner
+        # read by archquant.evaluation.loglik.model_max_length
+        self.config = type("GGUFConfig", (), {"max_position_embeddings": runner.n_ctx})()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Shape: ``input_ids [B, S]`` -> logits ``[B, S, vocab]`` float32."""
+        return torch.stack([self.runner.logits(row) for row in input_ids.cpu()])
