@@ -243,12 +243,12 @@ def test_trust_remote_code_loads_from_the_folder_alone(exported, tmp_path):
 
 
 def test_generate_and_eval_accept_an_export_folder(exported):
-    from archquant.commands.eval import load_for_eval
-    from archquant.commands.export import generate_text, load_any
+    from archquant.commands.generate import generate_text
+    from archquant.commands.session import load_by_name
 
     _, _, res, path = exported
-    model, tok = load_any(str(path))
+    model, tok = load_by_name(str(path))
     text = generate_text(model, tok, "Hello", 6)
     assert text == generate_text(load(path), load_tokenizer(path), "Hello", 6)
-    m2, t2 = load_for_eval(str(path))
+    m2, t2 = load_by_name(str(path), dtype="bfloat16")
     assert type(m2).__name__ == "ArchQuantForCausalLM" and t2 is not None

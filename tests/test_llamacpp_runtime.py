@@ -24,6 +24,7 @@ pytest.importorskip("llama_cpp")
 from archquant.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from archquant.engine.gguf_writer import GGUFExportError, export_gguf  # noqa: E402
 from archquant.engine.llamacpp import LlamaCppRunner, generate  # noqa: E402
+from archquant.utils.errors import UserError  # noqa: E402
 from archquant.models.registry import load_model  # noqa: E402
 from archquant.supernet import Arch, build, materialize  # noqa: E402
 from archquant.core.space import SpaceConfig  # noqa: E402
@@ -174,7 +175,7 @@ def test_generate_answers_from_the_embedded_gguf():
 
 
 def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
-    from archquant.commands.export import gguf_to_serve
+    from archquant.commands.generate import gguf_to_serve
 
     model, tok = tiny
     folder = tmp_path / "export"
@@ -184,5 +185,5 @@ def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
     assert gguf_to_serve(str(folder), "llamacpp") == path
     assert gguf_to_serve(str(folder), "torch") is None
     assert gguf_to_serve(str(tmp_path / "elsewhere"), "auto") is None  # no GGUF: the packed model runs
-    with pytest.raises(SystemExit, match=r"export.formats=\[packed,gguf\]"):
+    with pytest.raises(UserError, match=r"export.formats=\[packed,gguf\]"):
         gguf_to_serve(str(tmp_path), "llamacpp")

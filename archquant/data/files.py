@@ -9,13 +9,14 @@ from pathlib import Path
 
 from archquant.data.config import DataConfig
 from archquant.utils.paths import DATA_ENV, default_data_root
+from archquant.utils.errors import UserError
 
 
-class DataFileNotFoundError(FileNotFoundError):
+class DataFileNotFoundError(UserError, FileNotFoundError):
     """A configured data file does not exist; the message names the config key that fixes it."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data file exists but does not follow its schema (missing field, bad label, bad JSON)."""
 
 

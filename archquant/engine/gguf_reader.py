@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFValueType
+from archquant.utils.errors import UserError
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -22,7 +23,7 @@ _SCALAR = {
 }
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(UserError, ValueError):
     """Not a GGUF file, or a truncated / unsupported header."""
 
 

@@ -33,6 +33,7 @@ from archquant.quant import gguf as quant
 from archquant.backends.llamacpp import resolve_types
 from archquant.core.linears import LINEARS, MODULE_PATHS, gguf_name
 from archquant.engine.gguf_reader import read_header
+from archquant.utils.errors import UserError
 
 # which search decision sets a linear's input width, for error messages
 ROW_DECISION = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "kv_groups/q_per_group", "gate": "hidden",
@@ -40,7 +41,7 @@ ROW_DECISION = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "kv_groups/q_p
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError, ValueError):
     """A model GGUF / llama.cpp cannot represent or would crash on; raised before anything is written."""
 
 

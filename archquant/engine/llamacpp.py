@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from archquant.utils.errors import UserError
 
 INSTALL_HINT = (
     "pip install llama-cpp-python==0.3.36  (PyPI has only the source: it compiles llama.cpp with cmake + a C++ "
@@ -23,7 +24,7 @@ INSTALL_HINT = (
 KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16 / GGML_TYPE_F32
 
 
-class LlamaCppMissingError(ImportError):
+class LlamaCppMissingError(UserError, ImportError):
     """``llama-cpp-python`` is not installed."""
 
 

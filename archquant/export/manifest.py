@@ -6,13 +6,14 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any
+from archquant.utils.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """An export folder whose files do not match its manifest (tampered, truncated or incomplete)."""
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from archquant.core.layout import model_layout
 from archquant.core.linears import MODULE_PATHS
 from archquant.export.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from archquant.utils.errors import UserError
 
 EXPORT_FORMAT_VERSION = 1
 RECORD_NAME = "archquant.json"
@@ -48,7 +49,7 @@ FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 _REMOTE_SOURCE = Path(__file__).resolve().parent / "remote_code" / REMOTE_CODE_NAME
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError, ValueError):
     """An export folder that is incomplete, from a newer format version, or not an archquant export."""
 
 

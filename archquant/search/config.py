@@ -27,7 +27,7 @@ class BudgetConfig:
 
 @dataclass
 class SearchConfig:
-    """The differentiable search (DESIGN section 5-6).
+    """The differentiable search: KD + budget penalties on Gumbel-Softmax gates, with the entropy pruner.
 
     Attributes:
         steps: maximum optimisation steps.
