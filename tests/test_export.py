@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from archquant.export.manifest import ManifestError, write_manifest
+from archquant.utils.manifest import ManifestError, write_manifest
 from archquant.export.packed import ExportFormatError, load, load_tokenizer, pack_model, read_record, save
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize

@@ -22,7 +22,8 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from archquant.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from archquant.engine.gguf_writer import GGUFExportError, export_gguf  # noqa: E402
+from archquant.engine.gguf_reader import GGUFShapeError  # noqa: E402
+from archquant.engine.gguf_writer import export_gguf  # noqa: E402
 from archquant.engine.llamacpp import LlamaCppRunner, generate  # noqa: E402
 from archquant.utils.errors import UserError  # noqa: E402
 from archquant.models.registry import load_model  # noqa: E402
@@ -137,7 +138,7 @@ def test_files_that_would_abort_llama_cpp_are_refused_before_loading(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFExportError, match="layer 1 has feed_forward_length 0"):
+    with pytest.raises(GGUFShapeError, match="layer 1 has feed_forward_length 0"):
         LlamaCppRunner(path)
 
 

@@ -36,8 +36,8 @@ from torch import nn
 
 from archquant.core.layout import model_layout
 from archquant.core.linears import MODULE_PATHS
-from archquant.export.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from archquant.utils.errors import UserError
+from archquant.utils.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
 EXPORT_FORMAT_VERSION = 1
 RECORD_NAME = "archquant.json"
