@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from archquant.backends import get_backend
-from archquant.latency.interval import median_interval
+from archquant.latency.interval import MedianInterval, median_interval
 from archquant.latency.scenario import Scenario
 from archquant.core.arch import Arch
 
@@ -252,7 +252,7 @@ def measure_interleaved(
             details["median_ms"] = float(statistics.median(raw))
         details["ci_target"] = ci
         details["ci_confidence"] = confidence
-        details["settled"] = iv is not None and iv.reached and iv.rel_halfwidth <= ci
+        details["settled"] = _settled(iv, ci)
         method = ms[0].method if done == 1 else f"median over {done} interleaved rounds of: {ms[0].method}"
         if iv is not None:
             method += f"; {iv.level:.1%} order-statistic interval"
@@ -263,15 +263,22 @@ def measure_interleaved(
     return out
 
 
+def _settled(iv: MedianInterval | None, ci: float) -> bool:
+    """The interval exists, has the confidence asked for and lies within ``±ci`` of the median."""
+    return iv is not None and iv.reached and iv.rel_halfwidth <= ci
+
+
 def _unsettled(per: dict[str, list[LatencyMeasurement]], ci: float, confidence: float) -> list[str]:
-    """Why another round is needed: one line per model whose interval is below ``confidence`` or wider than
-    ``±ci``, widest first (empty when every interval has settled)."""
+    """Why another round is needed: one line per model whose interval has not settled, widest first (empty
+    when every interval has)."""
     wide = []
     for name, ms in per.items():
         iv = median_interval([m.ms for m in ms], confidence)
+        if _settled(iv, ci):
+            continue
         if iv is None or not iv.reached:
             level = "no interval" if iv is None else f"{iv.level:.1%} < {confidence:.0%} coverage"
             wide.append((math.inf, f"{name}: {level} after {len(ms)} rounds"))
-        elif iv.rel_halfwidth > ci:
+        else:
             wide.append((iv.rel_halfwidth, f"{name}: ±{iv.rel_halfwidth:.1%} > ±{ci:.1%}"))
     return [why for _, why in sorted(wide, key=lambda w: -w[0])]
