@@ -17,6 +17,7 @@ from archquant.core.arch import Arch
 from archquant.evaluation import EvalConfig, evaluate
 from archquant.latency.measure import measure_interleaved, prepare_timer
 from archquant.search.pareto import (
+    MEASURED_FIELDS,
     ParetoPoint,
     collect_runs,
     load_points,
@@ -25,6 +26,7 @@ from archquant.search.pareto import (
     resolve_metric,
     save_front,
     unique_names,
+    with_measurement,
 )
 from archquant.utils.env import device_name, run_header
 from archquant.utils.errors import MissingFileError, UserError
@@ -182,16 +184,18 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
         if timers:
             log.info("timing %d points in %d interleaved rounds (%s)", len(timers), cfg.pareto.timing_rounds,
                      cfg.latency.backend)
-            measured = measure_interleaved(timers, cfg.pareto.timing_rounds, progress=cfg.eval.progress)
+            pc = cfg.pareto
+            measured = measure_interleaved(timers, pc.timing_rounds, progress=cfg.eval.progress,
+                                           max_rounds=pc.timing_max_rounds, ci=pc.timing_ci,
+                                           confidence=pc.timing_confidence)
             for i, p in enumerate(points):
                 m = measured.get(p.name)
                 if m is not None:
-                    points[i] = dataclasses.replace(
-                        p, measured_ms=m.ms, measured_by=m.method, extra={**p.extra, "measurement": m.to_dict()})
-                    log.info("%s: latency %.3f ms (measured)", p.name, m.ms)
+                    points[i] = with_measurement(p, m)
+                    log.info("%s: latency %.3f ms (measured; interval %s)", p.name, m.ms, m.ci_ms)
     for i, j in twin_of.items():
         src = points[j]
-        fields = ("measured_ms", "measured_by", "ppl", "accuracy", "zero_shot")
+        fields = MEASURED_FIELDS + ("ppl", "accuracy", "zero_shot")
         points[i] = dataclasses.replace(points[i], **{f: getattr(src, f) for f in fields},
                                         extra={**points[i].extra, "same_arch_as": src.name})
     metric = resolve_metric(points, "auto")
