@@ -56,7 +56,7 @@ def add_width_prior(gates, strength: float) -> None:
         if name.rsplit(".", 1)[-1] in WIDTH_GATES:
             logits = gates.logits[gates.index[name]]
             k = logits.numel()
-            logits += strength * (1 - torch.arange(k, dtype=logits.dtype) / (k - 1))
+            logits += strength * (1 - torch.arange(k, dtype=logits.dtype, device=logits.device) / (k - 1))
 
 
 class ArchSearch(FabricLoop):
