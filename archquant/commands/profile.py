@@ -19,7 +19,8 @@ from archquant.latency.loader import table_path
 from archquant.latency.model import LatencyModel
 from archquant.latency.profiler import OpRunners, fit_overheads, method_string, profile_ops, time_depths
 from archquant.latency.roofline import measure_roofline, save_roofline
-from archquant.latency.runtime import busy_warning, linear_path_decisions, machine_load, time_model_ms, to_runtime
+from archquant.kernels.swap import to_runtime
+from archquant.latency.runtime import busy_warning, linear_path_decisions, machine_load, time_model_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.table import LatencyTable
 from archquant.core.arch import Arch
