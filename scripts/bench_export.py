@@ -110,32 +110,27 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    import dataclasses
+
+    from archquant.commands.session import Session
     from archquant.config import Config
-    from archquant.commands.subnet import load_arch
     from archquant.export import save
-    from archquant.commands.export import predicted_latency
+    from archquant.latency import load_table_for
     from archquant.latency.config import LatencyConfig
-    from archquant.models.registry import load_model
-    from archquant.supernet import build, materialize
+    from archquant.models.config import ModelConfig
     from archquant.utils.env import run_header
     from archquant.utils.io import atomic_write_json
 
-    model, tok = load_model(args.model)
-    calib = None
-    if not q:
-        from archquant.data import DataConfig, calibration_blocks
-
-        calib = calibration_blocks(tok, DataConfig(), "calib")
-    cfg = Config(latency=LatencyConfig(backend=args.backend, scenario="decode", context=args.context,
+    cfg = Config(model=ModelConfig(name=args.model),
+                 latency=LatencyConfig(backend=args.backend, scenario="decode", context=args.context,
                                        prefill_len=args.prefill))
-    sn = build(model, cfg.space, backend=args.backend, calib_ids=calib)
-    arch = load_arch(args.arch, model.config, "--arch") if args.arch else default_arch(sn.space)
-    sub = materialize(sn, arch)
-    del sn
-    pred = {"decode": predicted_latency(cfg, model.config, arch)}
-    cfg_p = Config(latency=LatencyConfig(backend=args.backend, scenario="prefill", context=args.context,
-                                         prefill_len=args.prefill))
-    pred["prefill"] = predicted_latency(cfg_p, model.config, arch)
+    session = Session.load(cfg)
+    tok = session.tokenizer
+    arch = session.load_arch(args.arch, "--arch") if args.arch else default_arch(session.space)
+    sub = session.materialize(arch)
+    pred = {"decode": session.predicted(arch)}
+    prefill_lm = load_table_for(dataclasses.replace(cfg.latency, scenario="prefill"), session.space, session.backend)
+    pred["prefill"] = {"predicted_ms": float(prefill_lm.predict_ms(arch)), "scenario": "prefill"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "export"
         t0 = time.perf_counter()
@@ -165,7 +160,7 @@ def main() -> None:
         "predicted": pred,
         "notes": [
             "QuantLinear picks its CPU path (dense fp32 or int4pack bf16) by measurement per shape",
-            "the embedded SmolLM2 weights are dequantised Q4_1 (4-bit, blocks of 32): see DESIGN section 2",
+            "the embedded SmolLM2 weights are dequantised Q4_1 (4-bit, blocks of 32): see README, The embedded default model",
         ],
     }
     out = ROOT / "results" / ("bench_export.quick.json" if q else "bench_export.json")

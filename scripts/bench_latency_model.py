@@ -197,8 +197,7 @@ def main_llamacpp(args, out: Path, log) -> int:
 
     ``--refit`` skips the timing and re-analyses the subnets of an earlier output file.
     """
-    from archquant.latency.validate import validate_llamacpp
-    from archquant.latency.config import LatencyConfig
+    from _validate_llamacpp import validate_llamacpp  # next to this script (sys.path[0] when it runs)
 
     if args.refit:
         results = json.loads(Path(args.refit).read_text())
@@ -219,11 +218,11 @@ def main_llamacpp(args, out: Path, log) -> int:
         x = [r.get("predicted_sum_ms", r["predicted_ms"]) for r in rows]
         rep = correction_report(x, [r["measured_ms"] for r in rows])
         results["corrections"][name] = rep
-        e0, e2 = rep["error_sum_of_ops"], rep["error_fitted_leave_one_out"]
+        e0, e2 = rep["error_sum_of_ops"], rep["error_fitted_leave_one_out"] or {}  # None below 3 subnets
         c = rep["fitted_correction"]
         log(f"{name:8s} sum of ops: median {e0['median']:.1%}, max {e0['max']:.1%} (bias {rep['signed_bias_sum_of_ops']:+.1%})"
             f" | correction scale {c['scale']:.3f}, offset {c['offset_ms']:+.3f} ms, leave-one-out: median "
-            f"{e2['median']:.1%}, max {e2['max']:.1%}  (goals <= 5% / <= 12%)")
+            f"{e2.get('median', float('nan')):.1%}, max {e2.get('max', float('nan')):.1%}  (goals <= 5% / <= 12%)")
         if args.write_correction:
             path = results["table_headers"][name].get("path")
             if not path:

@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from archquant.commands.search import search_job
-    from archquant.commands.session import SearchContext
+    from archquant.commands.session import Session
     from archquant.latency.measure import measure_latency
-    from archquant.supernet import materialize
     from archquant.core.arch import Arch
     from archquant.utils.env import run_header
     from archquant.utils.io import atomic_write_json
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_search-"))
     cfg = _compose(overrides, work)
     t0 = time.perf_counter()
-    ctx = SearchContext.load(cfg)
+    ctx = Session.load(cfg)
     rng = ctx.feasible()
     ctx.targets()
     load_s = time.perf_counter() - t0
@@ -159,9 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
         target = round(frac * rng.max_ms, 4)
         bcfg = _compose(overrides + [f"budget.latency_ms={target}"], work)
         t1 = time.perf_counter()
-        res = search_job(bcfg, ctx=ctx, out_dir=work / f"budget_{frac:g}")
+        res = search_job(bcfg, session=ctx, out_dir=work / f"budget_{frac:g}")
         wall = time.perf_counter() - t1
-        model = materialize(ctx.build_supernet(), Arch.from_dict(res.arch.to_dict()))
+        model = ctx.materialize(Arch.from_dict(res.arch.to_dict()))
         measured = measure_latency(model, cfg.latency, **measure_ctx)
         runs.append(budget_row(target, res.summary(), res.history, measured.ms, measured.method, wall, fraction=frac))
         print(f"budget {target:.3f} ms: predicted {res.predicted_ms:.3f}, measured {measured.ms:.3f} ms, "

@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return 0
     from archquant.data import DataConfig, resolve_data_path
-    from archquant.evaluation import load_for_eval, perplexity, zero_shot
+    from archquant.commands.session import load_by_name
+    from archquant.evaluation import perplexity, zero_shot
     from archquant.evaluation.zero_shot import check_tasks, headline_mean
     from archquant.utils.env import run_header
     from archquant.utils.io import atomic_write_json
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else REPO / "results" / f"baseline_{name}{'.quick' if args.quick else ''}.json"
 
     t_start = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, dtype="float32")
+    model, tokenizer = load_by_name(args.model, dtype="float32")
     result = {
         "version": 1,
         "header": run_header(model=args.model, dtype="float32"),

@@ -20,7 +20,7 @@ def tiny_model(seed: int = 0, layers: int = 2, **overrides):
 
 
 def tiny_space(**overrides) -> SpaceConfig:
-    """The DESIGN default space snapped to multiples of 32 (group size 32) so the tiny model has choices."""
+    """The default space snapped to multiples of 32 (group size 32) so the tiny model has choices."""
     kwargs = {"width_multiple": 32, "group_size": 32, **overrides}
     return SpaceConfig(**kwargs)
 

@@ -70,6 +70,17 @@ def test_env_var_sets_the_root(tmp_path, monkeypatch):
         resolve_data_path(DataConfig(), "calib_file")
 
 
+def test_null_calib_file_takes_the_first_corpus_under_the_root(tmp_path):
+    cfg = DataConfig(root=str(tmp_path))
+    with pytest.raises(DataFileNotFoundError, match="gutenberg_war_and_peace/train.txt or wikitext2_raw/train.txt"):
+        resolve_data_path(cfg, "calib_file")
+    for rel in ("wikitext2_raw/train.txt", "gutenberg_war_and_peace/train.txt"):  # a pulled folder, then the novel too
+        (tmp_path / rel).parent.mkdir()
+        (tmp_path / rel).write_text("text\n")
+        assert resolve_data_path(cfg, "calib_file") == (tmp_path / rel).resolve()
+    assert resolve_data_path(DataConfig(), "calib_file").parent.name == "gutenberg_war_and_peace"  # the shared data
+
+
 def test_absolute_override_and_partial_task_override(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text("{}\n")

@@ -12,8 +12,11 @@ import pytest
 from archquant.cli import CONFIG_DIR
 from archquant.config import Config, register_configs, to_object
 from archquant.data import DataConfig
-from archquant.evaluation import EvalConfig, evaluate, load_for_eval
+from archquant.cli import run_verb
 from archquant.commands.eval import evaluate_cli
+from archquant.commands.session import load_by_name
+from archquant.evaluation import EvalConfig, evaluate
+from archquant.utils.errors import EXIT_USER_ERROR
 from archquant.models.config import ModelConfig
 
 REQUIRED = {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "stderr", "metric"}
@@ -54,7 +57,7 @@ def test_cli_writes_eval_json(tmp_path, capsys):
 
 
 def test_evaluate_python_api_on_a_model_in_memory(tmp_path):
-    model, tok = load_for_eval("tiny-llama")
+    model, tok = load_by_name("tiny-llama")
     res = evaluate(model, tok, EvalConfig(tasks=["arc_easy"], limit=3, perplexity=False, progress=False), out_path=tmp_path / "e.json")
     assert res["perplexity"] is None and res["tasks"]["arc_easy"]["n"] == 3
     assert json.loads((tmp_path / "e.json").read_text())["tasks"]["arc_easy"]["acc"] == res["tasks"]["arc_easy"]["acc"]
@@ -63,26 +66,34 @@ def test_evaluate_python_api_on_a_model_in_memory(tmp_path):
 # ---------------------------------------------------------------- bad input: a message, not a traceback
 
 
-def _cli_exit(cfg: Config) -> str:
-    with pytest.raises(SystemExit) as err:
-        evaluate_cli(cfg)
-    assert isinstance(err.value.code, str)  # sys.exit(message): printed to stderr, exit status 1
-    return err.value.code
+@pytest.fixture
+def _cli_exit(capsys):
+    def run(cfg: Config) -> str:
+        with pytest.raises(SystemExit) as err:
+            run_verb("eval", cfg)
+        assert err.value.code == EXIT_USER_ERROR  # a one-line message on stderr, exit status 2
+        err_text = capsys.readouterr().err
+        assert "Traceback" not in err_text
+        msg = err_text.strip().splitlines()[-1]
+        assert msg.startswith("archquant-eval: ")
+        return msg
+
+    return run
 
 
-def test_unknown_model_name(tmp_path):
+def test_unknown_model_name(tmp_path, _cli_exit):
     cfg = Config(model=ModelConfig(name="no-such-model"), eval=EvalConfig(tasks=["piqa"], limit=2), out_dir=str(tmp_path))
     assert "model.name" in _cli_exit(cfg)
 
 
-def test_wrong_data_root_fails_before_loading_the_model(tmp_path):
+def test_wrong_data_root_fails_before_loading_the_model(tmp_path, _cli_exit):
     # an unknown model too: the data error must come first (it is found without loading anything)
     cfg = Config(model=ModelConfig(name="no-such-model"), data=DataConfig(root=str(tmp_path / "nowhere")), out_dir=str(tmp_path))
     msg = _cli_exit(cfg)
     assert "data.root" in msg and "data.ppl_file" in msg
 
 
-def test_benchmark_row_with_a_missing_field(tmp_path):
+def test_benchmark_row_with_a_missing_field(tmp_path, _cli_exit):
     f = tmp_path / "piqa.jsonl"
     rows = [{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, {"goal": "g", "sol1": "a", "sol2": "b"}]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from archquant.data import load_benchmark
-from archquant.evaluation import ALL_TASKS, load_for_eval, zero_shot
+from archquant.commands.session import load_by_name
+from archquant.evaluation import ALL_TASKS, zero_shot
 from archquant.evaluation.lm_eval_bridge import lm_eval_tasks, run_lm_eval
 from archquant.evaluation.tasks import build_examples
 from archquant.evaluation.zero_shot import score_examples
@@ -68,7 +69,7 @@ def test_loglikelihoods_match_hflm_on_tiny_model(tiny):
 
 @pytest.mark.slow
 def test_real_model_piqa_20_rows_matches_lm_eval():
-    model, tok = load_for_eval("smollm2-135m")
+    model, tok = load_by_name("smollm2-135m")
     ours = zero_shot(model, tok, ["piqa"], limit=20, batch_size=8, progress=False)["piqa"]
     ref = run_lm_eval(model, tok, ["piqa"], limit=20, batch_size=8, return_samples=True)["piqa"]
     scores = score_examples(model, tok, build_examples("piqa", load_benchmark("piqa", limit=20)), batch_size=8)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from archquant.export.manifest import ManifestError, write_manifest
+from archquant.utils.manifest import ManifestError, write_manifest
 from archquant.export.packed import ExportFormatError, load, load_tokenizer, pack_model, read_record, save
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
@@ -250,12 +250,12 @@ def test_trust_remote_code_loads_from_the_folder_alone(exported, base, tmp_path)
 
 
 def test_generate_and_eval_accept_an_export_folder(exported):
-    from archquant.commands.eval import load_for_eval
-    from archquant.commands.export import generate_text, load_any
+    from archquant.commands.generate import generate_text
+    from archquant.commands.session import load_by_name
 
     _, _, res, path = exported
-    model, tok = load_any(str(path))
+    model, tok = load_by_name(str(path))
     text = generate_text(model, tok, "Hello", 6)
     assert text == generate_text(load(path), load_tokenizer(path), "Hello", 6)
-    m2, t2 = load_for_eval(str(path))
+    m2, t2 = load_by_name(str(path), dtype="bfloat16")
     assert type(m2).__name__ == "ArchQuantForCausalLM" and t2 is not None

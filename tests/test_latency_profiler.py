@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archquant.backends import Backend, get_backend
+from archquant.backends import Backend, BackendError, get_backend
 from archquant.config import Config
 from archquant.latency import LatencyModel, LatencyTable
 from archquant.latency import profiler as prof
-from archquant.commands.profile import _space_config_of, _uses_reference_quantiser, profile
+from archquant.commands.profile import profile
+from archquant.latency.build import _space_config_of, profile_table
 from archquant.latency.config import LatencyConfig
 from archquant.latency.roofline import RooflineParams, roofline_ms
 from archquant.kernels.swap import to_runtime
@@ -107,15 +108,17 @@ def test_roofline_formulas():
     assert roofline_ms("linear", sig, pre, p, be, 64) == pytest.approx(2 * 128 * 576 * 1536 / 100e9 * 1e3)
 
 
-def test_reference_quantiser_rule():
+def test_a_backend_with_its_own_format_is_not_timed_on_the_reference_runtime():
     class OwnFormat(Backend):
         name = "own"
 
         def fake_quant_weight(self, w, bits, group_size):
             return w
 
-    assert _uses_reference_quantiser(get_backend("torch")) and _uses_reference_quantiser(get_backend("triton"))
-    assert not _uses_reference_quantiser(OwnFormat())
+    model = tiny_llama()
+    space = resolve_space(SMALL, model.config)
+    with pytest.raises(BackendError, match="own weight format"):
+        profile_table(model, space, OwnFormat(), Scenario("decode", context=8), LatencyConfig(backend="torch"))
 
 
 def test_space_config_round_trip():

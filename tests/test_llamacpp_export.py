@@ -13,14 +13,13 @@ from gguf import GGUFReader
 from archquant.quant import gguf as quant
 from archquant.engine.gguf_writer import (
     GGUFExportError,
-    check_gguf,
     export_gguf,
     permute_qk,
     plan_gguf,
     tokenizer_kv_from_hf,
     unpermute_rope_pairs,
 )
-from archquant.engine.gguf_reader import read_header
+from archquant.engine.gguf_reader import check_gguf, read_header
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
 from archquant.core.space import SpaceConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from archquant.backends.llamacpp import LlamaCppBackend
-from archquant.engine.gguf_writer import check_gguf
+from archquant.engine.gguf_reader import check_gguf
 from archquant.latency.llamacpp_profiler import CostModel, SubnetShape, sample_archs, write_synthetic_gguf
 from archquant.latency.model import LatencyModel
 from archquant.latency.scenario import Scenario
@@ -128,3 +128,38 @@ def test_session_statistic_is_the_median_of_session_minima():
     assert session_stat([4, 3, 8], 3) == 3.0  # one session: its minimum
     assert session_stat([4, 3, 8, 1], 3) == 1.0  # fewer than two whole sessions: the minimum of everything
     assert session_stat([7, 5, 6, 2, 3, 4, 1], 3) == 3.5  # a trailing partial session is left out
+
+
+def test_synthetic_gguf_is_written_as_an_export_of_the_same_subnet(space, tmp_path):
+    """One writer: the profiler's file has the exported subnet's tensor names, shapes, types and shape metadata."""
+    from archquant.engine.gguf_reader import read_header
+    from archquant.engine.gguf_writer import export_gguf
+    from archquant.models.registry import load_model
+    from archquant.supernet import build, materialize
+
+    model, tok = load_model("tiny-llama", tiny_overrides={"num_hidden_layers": 4})
+    sn = build(model, SpaceConfig(width_multiple=32, group_size=32), backend="llamacpp")
+    arch = Arch.from_choices(sn.space, {"hidden": 96, "layers.1.keep": 0, "layers.0.kv_groups": 1, "layers.2.mlp": 64,
+                                        "layers.0.wbits.qkv": 4, "layers.3.wbits.down": 8, "lm_head.wbits": 8})
+    real = read_header(export_gguf(materialize(sn, arch), tmp_path / "real.gguf", tokenizer=tok, arch="deci"))
+    shape = SubnetShape.from_arch(arch, sn.space, LlamaCppBackend().types)
+    synth = read_header(write_synthetic_gguf(shape, tmp_path / "synth.gguf"))
+    assert synth[1] == real[1]  # (name, GGUF shape, type) of every tensor, in order
+    shape_keys = [k for k in real[0] if k.startswith("deci.") and not k.startswith(("deci.rope.freq", "deci.context",
+                                                                                     "deci.attention.layer_norm"))]
+    assert len(shape_keys) >= 8 and all(synth[0][k].value == real[0][k].value for k in shape_keys)
+
+
+def test_bytes_that_do_not_match_the_plan_are_refused_and_nothing_is_written(space, tmp_path):
+    from archquant.engine.gguf_writer import GGUFExportError, write_gguf
+    from archquant.latency.llamacpp_profiler import synthetic_tokenizer_kv
+
+    shape = SubnetShape.from_arch(Arch.full(space), space, LlamaCppBackend().types)
+    plan = shape.plan()
+
+    def one_row_short(spec):
+        return np.zeros((spec.shape[0] - 1, *spec.shape[1:]), dtype=np.float32), None
+
+    with pytest.raises(GGUFExportError, match=r"token_embd\.weight: encoded as float32\(258, 128\)"):
+        write_gguf(tmp_path / "bad.gguf", plan, synthetic_tokenizer_kv(shape.vocab), one_row_short, name="bad")
+    assert list(tmp_path.iterdir()) == []

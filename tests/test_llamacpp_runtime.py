@@ -22,8 +22,10 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from archquant.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from archquant.engine.gguf_writer import GGUFExportError, export_gguf  # noqa: E402
+from archquant.engine.gguf_reader import GGUFShapeError  # noqa: E402
+from archquant.engine.gguf_writer import export_gguf  # noqa: E402
 from archquant.engine.llamacpp import LlamaCppRunner, generate  # noqa: E402
+from archquant.utils.errors import UserError  # noqa: E402
 from archquant.models.registry import load_model  # noqa: E402
 from archquant.supernet import Arch, build, materialize  # noqa: E402
 from archquant.core.space import SpaceConfig  # noqa: E402
@@ -136,7 +138,7 @@ def test_files_that_would_abort_llama_cpp_are_refused_before_loading(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFExportError, match="layer 1 has feed_forward_length 0"):
+    with pytest.raises(GGUFShapeError, match="layer 1 has feed_forward_length 0"):
         LlamaCppRunner(path)
 
 
@@ -174,7 +176,7 @@ def test_generate_answers_from_the_embedded_gguf():
 
 
 def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
-    from archquant.commands.export import gguf_to_serve
+    from archquant.commands.generate import gguf_to_serve
 
     model, tok = tiny
     folder = tmp_path / "export"
@@ -184,5 +186,5 @@ def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
     assert gguf_to_serve(str(folder), "llamacpp") == path
     assert gguf_to_serve(str(folder), "torch") is None
     assert gguf_to_serve(str(tmp_path / "elsewhere"), "auto") is None  # no GGUF: the packed model runs
-    with pytest.raises(SystemExit, match=r"export.formats=\[packed,gguf\]"):
+    with pytest.raises(UserError, match=r"export.formats=\[packed,gguf\]"):
         gguf_to_serve(str(tmp_path), "llamacpp")

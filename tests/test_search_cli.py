@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from archquant.cli import CONFIG_DIR
 from archquant.config import register_configs, to_object
+from archquant.utils.errors import UserError
 
 TINY = [
     "model=tiny-llama",
@@ -54,30 +55,41 @@ def _cli(verb: str) -> str:
 @pytest.fixture(scope="module")
 def feasible():
     """The tiny model's feasible latency range under the torch roofline (so budgets fit any machine)."""
-    from archquant.commands.session import SearchContext
+    from archquant.commands.session import Session
 
     torch.set_num_threads(1)
-    return SearchContext.load(_cfg(TINY, ".")).feasible()
+    return Session.load(_cfg(TINY, ".")).feasible()
 
 
 def _budget(feasible, frac):
     return round(feasible.min_ms + frac * (feasible.max_ms - feasible.min_ms), 5)
 
 
-def test_infeasible_budget_is_refused_before_training_with_the_range(tmp_path, feasible):
-    from archquant.commands.search import search
+def test_infeasible_budget_is_refused_before_training_with_the_range(tmp_path, feasible, capsys):
+    from archquant.cli import run_verb
+    from archquant.commands.search import search_job
+    from archquant.search.budget import BudgetError
+    from archquant.utils.errors import EXIT_USER_ERROR
 
     cfg = _cfg(TINY + [f"budget.latency_ms={feasible.min_ms / 2}"], tmp_path)
-    with pytest.raises(SystemExit, match=r"below the smallest subnet.*feasible range is"):
-        search(cfg)
+    with pytest.raises(BudgetError, match=r"below the smallest subnet.*feasible range is"):
+        search_job(cfg)
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
     cfg = _cfg(TINY + [f"budget.latency_ms={feasible.max_ms * 3}"], tmp_path)
-    with pytest.raises(SystemExit, match="above the full model"):
-        search(cfg)
+    with pytest.raises(BudgetError, match="above the full model"):
+        search_job(cfg)
+    # the command: one line on stderr naming the range, exit code 2, no traceback
+    with pytest.raises(SystemExit) as err:
+        run_verb("search", cfg)
+    assert err.value.code == EXIT_USER_ERROR
+    err_text = capsys.readouterr().err
+    msg = err_text.strip().splitlines()[-1]  # (a roofline warning may come before it)
+    assert msg.startswith("archquant-search: ") and "above the full model" in msg and "Traceback" not in err_text
 
 
 def test_killed_search_resumes_to_the_same_architecture(tmp_path, feasible):
-    from archquant.commands.search import search, search_job
+    from archquant.commands.search import search_job
+    from archquant.training.checkpoint import ResumeMismatchError
 
     ov = TINY + ["search.steps=80", f"budget.latency_ms={_budget(feasible, 0.5)}"]
     ref = search_job(_cfg(ov, tmp_path / "ref"), progress=False)
@@ -108,8 +120,8 @@ def test_killed_search_resumes_to_the_same_architecture(tmp_path, feasible):
     assert [h["kd"] for h in rec_run["history"]] == [h["kd"] for h in rec_ref["history"]]
 
     # a resume under another config is refused, naming the key
-    with pytest.raises(SystemExit, match=r"budget\.latency_ms \(checkpoint"):
-        search(_cfg(TINY + ["search.steps=80", f"budget.latency_ms={_budget(feasible, 0.6)}", f"resume={run}"], tmp_path))
+    with pytest.raises(ResumeMismatchError, match=r"budget\.latency_ms \(checkpoint"):
+        search_job(_cfg(TINY + ["search.steps=80", f"budget.latency_ms={_budget(feasible, 0.6)}", f"resume={run}"], tmp_path))
 
 
 def test_two_process_gloo_search_follows_the_single_process_one(tmp_path, feasible):
@@ -136,25 +148,31 @@ def test_two_process_gloo_search_follows_the_single_process_one(tmp_path, feasib
 
 
 def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
-    from archquant.commands.search import pareto_job, pick_job, search_job
-    from archquant.commands.session import SearchContext
+    from archquant.commands.pareto import pareto_job
+    from archquant.commands.pick import pick_job
+    from archquant.commands.search import search_job
+    from archquant.commands.session import Session
 
     cfg0 = _cfg(TINY, tmp_path)
-    ctx = SearchContext.load(cfg0)
+    session = Session.load(cfg0)
     for frac in (0.2, 0.7):
         b = _budget(feasible, frac)
-        search_job(_cfg(TINY + ["search.steps=20", f"budget.latency_ms={b}"], tmp_path), ctx=ctx,
+        search_job(_cfg(TINY + ["search.steps=20", f"budget.latency_ms={b}"], tmp_path), session=session,
                    out_dir=tmp_path / "sweep" / f"{frac}", progress=False)
     shutil.copytree(tmp_path / "sweep" / "0.2", tmp_path / "sweep" / "0.2-again")  # the same subnet twice
-    cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]"], tmp_path)
-    points, front = pareto_job(cfg, ctx=ctx)
+    cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.timing_max_rounds=4"], tmp_path)
+    points, front = pareto_job(cfg, session=session)
     assert {p.source for p in points} == {"search", "full"} and len(points) == 4
     twins = [p for p in points if p.run_dir and Path(p.run_dir).name.startswith("0.2")]
     assert twins[0].measured_ms == twins[1].measured_ms and twins[1].extra["same_arch_as"] == twins[0].name
     points = [p for p in points if p is not twins[1]]
     for p in points:
         assert p.measured_ms > 0 and p.ppl > 1 and "torch" in p.measured_by
-        assert "3 interleaved rounds" in p.measured_by and len(p.extra["measurement"]["samples"]) == 3
+        rounds = p.extra["measurement"]["rounds"]
+        assert 3 <= rounds <= 4 and f"{rounds} interleaved rounds" in p.measured_by  # pareto.timing_max_rounds=4
+        assert len(p.extra["measurement"]["samples"]) == rounds
+        lo, hi = p.latency_ci_ms
+        assert lo <= p.measured_ms <= hi
     cached = json.loads((tmp_path / "sweep" / "0.7" / "point.json").read_text())["values"]
     assert "ppl" in cached and "measured_ms" not in cached  # latency is never cached: always timed together
 
@@ -162,11 +180,11 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     real = ppl_mod.perplexity
 
     def only_the_original(model, *a, **k):  # the original has no run folder, hence no cache
-        assert model is ctx.model, "perplexity recomputed for a searched point although its point.json matches"
+        assert model is session.model, "perplexity recomputed for a searched point although its point.json matches"
         return real(model, *a, **k)
 
     monkeypatch.setattr(ppl_mod, "perplexity", only_the_original)
-    again, _ = pareto_job(cfg, ctx=ctx)  # searched points' quality from the cache, latency timed afresh
+    again, _ = pareto_job(cfg, session=session)  # searched points' quality from the cache, latency timed afresh
     assert {p.name: p.ppl for p in again if p.source == "search"} == {p.name: p.ppl for p in twins + points if p.source == "search"}
     monkeypatch.undo()
     rec = json.loads((tmp_path / "pareto.json").read_text())
@@ -182,7 +200,7 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     picked = pick_job(_cfg(TINY + [f"slo.latency_ms={slowest.measured_ms}", f"slo.front={tmp_path}"], tmp_path))
     assert picked.met and picked.point.ppl == min(p.ppl for p in points)
     none = pick_job(_cfg(TINY + [f"slo.latency_ms={fastest.measured_ms / 10}", f"slo.front={tmp_path}"], tmp_path))
-    assert not none.met and none.fastest.name == fastest.name
+    assert not none.met and none.fastest.measured_ms <= fastest.latency_ci_ms[1]  # fastest, or timed alike
     saved = json.loads((tmp_path / "picked.json").read_text())
     assert saved["met"] is False and "no point meets" in saved["message"]
 
@@ -192,7 +210,7 @@ def test_main_job_on_the_tiny_model(tmp_path, feasible):
 
     ov = TINY + [
         "search.steps=10",
-        "run.budget_fractions=[0.35,0.8]",
+        f"run.budgets_ms=[{_budget(feasible, 0.3)},{_budget(feasible, 0.8)}]",  # inside the range on any roofline
         "distill=quick",
         "distill.steps=2",
         "distill.batch_size=2",
@@ -217,31 +235,35 @@ def test_main_job_on_the_tiny_model(tmp_path, feasible):
 
 
 def test_uniform_reference_points_join_the_front_and_export_when_picked(tmp_path, feasible):
-    from archquant.commands.search import pareto_job, pick_job, search_job
-    from archquant.commands.session import SearchContext
-    from archquant.commands.run import _distill_and_export
+    from archquant.commands.pareto import pareto_job
+    from archquant.commands.pick import pick_job
+    from archquant.commands.run import distill_and_export
+    from archquant.commands.search import search_job
+    from archquant.commands.session import Session
     from archquant.core.arch import Arch
 
     cfg0 = _cfg(TINY, tmp_path)
-    ctx = SearchContext.load(cfg0)
-    search_job(_cfg(TINY + ["search.steps=4", f"budget.latency_ms={_budget(feasible, 0.5)}"], tmp_path), ctx=ctx,
+    session = Session.load(cfg0)
+    search_job(_cfg(TINY + ["search.steps=4", f"budget.latency_ms={_budget(feasible, 0.5)}"], tmp_path), session=session,
                out_dir=tmp_path / "sweep" / "a", progress=False)
     cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[8,4]"], tmp_path)
-    points, _ = pareto_job(cfg, ctx=ctx)
+    points, _ = pareto_job(cfg, session=session)
     uniform = {p.name: p for p in points if p.source == "uniform"}
     assert set(uniform) == {"uniform-w8", "uniform-w4"}
     for b in (8, 4):
         p = uniform[f"uniform-w{b}"]
         arch = Arch.from_dict(p.arch)
         assert arch.lm_head_bits == b and all(set(la.wbits.values()) == {b} for la in arch.layers)
-        assert arch.hidden == max(ctx.space.hidden) and all(la.keep for la in arch.layers)
+        assert arch.hidden == max(session.space.hidden) and all(la.keep for la in arch.layers)
         assert p.measured_ms > 0 and p.ppl > 1
     assert uniform["uniform-w4"].predicted_mb < uniform["uniform-w8"].predicted_mb
     slowest = max(p.measured_ms for p in points)
     pick_job(_cfg(TINY + [f"slo.latency_ms={slowest}", f"slo.front={tmp_path}"], tmp_path))  # the main job's record
-    notes, _ = _distill_and_export(_cfg(TINY + ["run.distill=false"], tmp_path), tmp_path, uniform["uniform-w4"])
+    notes, model = distill_and_export(_cfg(TINY + ["run.distill=false"], tmp_path), session, tmp_path, uniform["uniform-w4"])
     assert notes["export"].startswith("done"), notes
-    assert Arch.load(tmp_path / "picked_arch.json").to_dict() == uniform["uniform-w4"].arch
+    exported = json.loads((tmp_path / "export" / "archquant.json").read_text())
+    assert exported["arch"] == uniform["uniform-w4"].arch  # the picked reference point's record is what was exported
+    assert model.config.quant["lm_head_bits"] == 4
 
-    with pytest.raises(ValueError, match="pareto.uniform_bits has 3"):
-        pareto_job(_cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[3]"], tmp_path), ctx=ctx)
+    with pytest.raises(UserError, match="pareto.uniform_bits has 3"):
+        pareto_job(_cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[3]"], tmp_path), session=session)

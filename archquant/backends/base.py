@@ -13,9 +13,10 @@ from typing import ClassVar
 import torch
 
 from archquant.quant import reference as ref
+from archquant.utils.errors import UserError
 
 
-class BackendError(ValueError):
+class BackendError(UserError, ValueError):
     """A request the backend cannot serve (unknown name, unsupported bits, shape it cannot run)."""
 
 

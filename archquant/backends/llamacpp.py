@@ -7,7 +7,7 @@ matmul (Q8_0 / Q8_1 for quantised weights, fp16 for F16 weights); the layer's ``
 therefore not the engine's to take and ``restrict_space`` removes it.
 
 Q4_0 is the default 4-bit type: llama.cpp repacks it for AVX2 and decodes it fastest, and unlike
-Q4_1 it does not coincide with the grid the embedded default's weights already lie on (see DESIGN 2),
+Q4_1 it does not coincide with the grid the embedded default's weights already lie on (README, The embedded default model),
 so 4-bit results on that model are not flattered.
 """
 

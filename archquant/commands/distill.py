@@ -9,15 +9,26 @@ export.checkpoint=<that folder>`` exports it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from archquant.commands.session import Session
+from archquant.core.arch import Arch
+from archquant.data import resolve_data_path
+from archquant.distill.lora import add_lora, merge_lora
+from archquant.distill.loop import DistillLoop
+from archquant.evaluation.perplexity import perplexity
+from archquant.models.hetero import ArchQuantForCausalLM
+from archquant.training import make_fabric, make_loggers
+from archquant.training.checkpoint import config_identity
 from archquant.utils.env import run_header
+from archquant.utils.errors import MissingFileError
 from archquant.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -29,8 +40,6 @@ _IDENTITY_IGNORE = ("distill.checkpoint_every", "distill.keep_checkpoints", "dis
 
 
 def distill_identity(cfg) -> dict[str, Any]:
-    from archquant.training.checkpoint import config_identity
-
     ident = config_identity({"distill": cfg.distill, "model": cfg.model, "data": cfg.data, "space": cfg.space,
                              "backend": cfg.latency.backend})
     return {k: v for k, v in ident.items() if not any(k == p or k.startswith(p + ".") for p in _IDENTITY_IGNORE)}
@@ -39,62 +48,64 @@ def distill_identity(cfg) -> dict[str, Any]:
 def _ppl_text(model, tokenizer, cfg) -> dict[str, Any] | None:
     if cfg.distill.ppl_windows <= 0:
         return None
-    from archquant.data import resolve_data_path
-    from archquant.evaluation.perplexity import perplexity
-
     res = perplexity(model, tokenizer, resolve_data_path(cfg.data, "ppl_file"), seq_len=cfg.eval.ppl_seq_len,
                      max_windows=cfg.distill.ppl_windows, batch_size=2)
     return {"ppl": res["ppl"], "tokens": res["tokens"], "source": res.get("source")}
 
 
-def run_distill(cfg, *, progress: bool = True) -> dict[str, Any]:
-    """The Python verb behind ``archquant-distill``; returns the ``distill.json`` record."""
-    from archquant.distill.lora import add_lora, merge_lora
-    from archquant.distill.loop import DistillLoop
-    from archquant.commands.subnet import materialize_subnet
-    from archquant.utils.paths import cache_dir
-    from archquant.search.teacher import cached_teacher_targets
-    from archquant.training import make_fabric, make_loggers
+def run_distill(cfg, *, session: Session | None = None, arch: Arch | None = None, out_dir: str | Path | None = None,
+                resume: bool | None = None, progress: bool = True) -> dict[str, Any]:
+    """The Python verb behind ``archquant-distill``; returns the ``distill.json`` record.
 
+    Args:
+        cfg: the root ``Config`` (``distill.*`` for the loop; ``distill.arch`` unless ``arch`` is given).
+        session: a loaded ``Session`` (the main job passes its own; default: load ``model.name``).
+        arch: the subnet to distil (default: read ``distill.arch``).
+        out_dir: run folder (default ``cfg.resume`` or ``cfg.out_dir``).
+        resume: continue from the folder's checkpoint (default: ``cfg.resume`` is set).
+    """
+    record, _ = distill_subnet(cfg, session=session, arch=arch, out_dir=out_dir, resume=resume, progress=progress)
+    return record
+
+
+def distill_subnet(cfg, *, session: Session | None = None, arch: Arch | None = None,
+                   out_dir: str | Path | None = None, resume: bool | None = None,
+                   progress: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """Distil ``arch`` (materialised from the session's model) and save it; returns ``(record, model)``."""
     dc = cfg.distill
-    resume = cfg.resume is not None
-    run_dir = Path(cfg.resume if resume else cfg.out_dir)
+    resume = cfg.resume is not None if resume is None else resume
+    run_dir = Path(out_dir or (cfg.resume if cfg.resume is not None else cfg.out_dir))
     t0 = time.perf_counter()
     fabric = make_fabric(cfg.trainer, make_loggers(cfg.logger, run_dir, "distill"))
-    sub = materialize_subnet(cfg, dc.arch)
-    from archquant.data import calibration_blocks
-
-    val_ids = calibration_blocks(sub.tokenizer, cfg.data, "val")
-    key = {"name": cfg.model.name, "dtype": cfg.model.dtype, "seed": cfg.model.seed,
-           "fingerprint": sub.arch.fingerprint}
-    tdir = cache_dir() / "teacher"
-    targets = cached_teacher_targets(sub.teacher, sub.calib_ids, topk=dc.teacher_topk, temperature=dc.kd_temperature,
-                                     model_key=key, cache_dir=tdir)
-    val = cached_teacher_targets(sub.teacher, val_ids, topk=dc.teacher_topk, temperature=dc.kd_temperature,
-                                 model_key=key, cache_dir=tdir)
-    student = sub.student
+    session = session or Session.load(cfg)
+    arch = arch if arch is not None else session.load_arch(dc.arch, "distill.arch")
+    student = session.materialize(arch)
+    log.info("subnet: %s", arch.summary())
+    calib_ids = session.calib_ids()
+    targets = session.teacher_targets("calib", dc.teacher_topk, dc.kd_temperature)
+    val = session.teacher_targets("val", dc.teacher_topk, dc.kd_temperature)
     if dc.lora.enabled:
         student = add_lora(student, dc.lora.rank, dc.lora.alpha, list(dc.lora.targets))
     loop = DistillLoop(fabric, student, targets, dc, run_dir, identity=distill_identity(cfg),
-                       teacher=sub.teacher if dc.hidden_weight > 0 else None, val=val, progress=progress)
-    before = {"heldout": loop.evaluate(), "text": _ppl_text(student, sub.tokenizer, cfg)}
+                       teacher=session.model if dc.hidden_weight > 0 else None, val=val, progress=progress)
+    before = {"heldout": loop.evaluate(), "text": _ppl_text(student, session.tokenizer, cfg)}
     loop.prepare(resume)
     steps = loop.fit()
     after = {"heldout": loop.evaluate()}
     final = merge_lora(student) if dc.lora.enabled else student
     final.eval()
-    after["text"] = _ppl_text(final, sub.tokenizer, cfg)
+    after["text"] = _ppl_text(final, session.tokenizer, cfg)
     if dc.lora.enabled:
         after["heldout_merged"] = _merged_eval(loop, final)
     out = run_dir / dc.output
     record = {
         "version": DISTILL_RECORD_VERSION,
         "header": run_header(cfg.latency.device),
-        "arch": sub.arch.summary(),
+        "arch": arch.summary(),
         "model": cfg.model.name,
         "backend": cfg.latency.backend,
         "steps": steps,
-        "tokens_seen": steps * dc.batch_size * int(sub.calib_ids.shape[1]),
+        "tokens_seen": steps * dc.batch_size * int(calib_ids.shape[1]),
         "heldout_blocks": int(val.ids.shape[0]),
         "before": before,
         "after": after,
@@ -105,12 +116,12 @@ def run_distill(cfg, *, progress: bool = True) -> dict[str, Any]:
         "folder": str(out),
     }
     if fabric.is_global_zero:
-        save_distilled(final, sub.tokenizer, sub.arch, out, record)
+        save_distilled(final, session.tokenizer, arch, out, record)
     fabric.barrier()
     b, a = before["heldout"], after["heldout"]
     log.info("held-out KD %.4f -> %.4f, perplexity %.3f -> %.3f after %d steps (%d tokens); saved %s",
              b["kd"], a["kd"], b["ppl"], a["ppl"], steps, record["tokens_seen"], out)
-    return record
+    return record, final
 
 
 def _merged_eval(loop, merged) -> dict[str, float]:
@@ -135,31 +146,19 @@ def save_distilled(model, tokenizer, arch, out: Path, record: dict[str, Any]) ->
 
 def load_distilled(folder: str | Path):
     """``(model, arch, record)`` of a folder written by ``archquant-distill``."""
-    from archquant.models.hetero import ArchQuantForCausalLM
-    from archquant.core.arch import Arch
-
     folder = Path(folder)
     missing = [f for f in ("config.json", "arch.json") if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a distilled checkpoint (missing {', '.join(missing)}); pass the "
+        raise MissingFileError(f"{folder} is not a distilled checkpoint (missing {', '.join(missing)}); pass the "
                                 "folder archquant-distill wrote (<run>/distilled)")
     model = ArchQuantForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     rec = folder / "distill.json"
-    import json
-
     return model, Arch.load(folder / "arch.json"), (json.loads(rec.read_text()) if rec.exists() else {})
 
 
-def distill(cfg) -> dict[str, Any] | None:
-    """Hydra entry point of ``archquant-distill`` (user errors exit with their message, no traceback)."""
-    from archquant.distill.lora import LoraRankError
-    from archquant.core.arch import ArchError
-    from archquant.training.checkpoint import ResumeMismatchError
-
-    try:
-        rec = run_distill(cfg)
-    except (ArchError, LoraRankError, ResumeMismatchError, FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"archquant-distill: {err}")
+def distill(cfg) -> dict[str, Any]:
+    """``archquant-distill``: ``run_distill`` and a one-line summary."""
+    rec = run_distill(cfg)
     b, a = rec["before"]["heldout"], rec["after"]["heldout"]
     print(f"distilled {rec['arch']}: held-out KD {b['kd']:.4f} -> {a['kd']:.4f}, perplexity {b['ppl']:.3f} -> "
           f"{a['ppl']:.3f} ({rec['steps']} steps, {rec['tokens_seen']} tokens) -> {rec['folder']}")

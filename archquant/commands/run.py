@@ -1,4 +1,10 @@
-"""``archquant-run``, the main job: a ladder of searches -> Pareto front -> SLO pick -> (distil, export) -> evaluate."""
+"""``archquant-run``, the main job: a ladder of searches -> Pareto front -> SLO pick -> (distil, export) -> evaluate.
+
+One ``Session`` serves every stage, and the stages hand each other objects (the picked ``Arch``, the distilled
+model); the files they write (``searches/*/arch.json``, ``pareto.json``, ``picked.json``, ``distill/``,
+``export/``, ``eval.json``, ``run.json``) are records, and only a resume reads them back. As a command it exits
+with ``EXIT_SLO_UNMET`` (3) when no point meets the SLO, like ``archquant-pick``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from archquant.commands.distill import distill_subnet, load_distilled
+from archquant.commands.export import export_model
+from archquant.commands.pareto import pareto_job
+from archquant.commands.pick import pick_points
+from archquant.commands.search import search_job
+from archquant.commands.session import Session
+from archquant.core.arch import Arch
+from archquant.evaluation import evaluate
+from archquant.search.pareto import ParetoPoint
 from archquant.utils.env import run_header
+from archquant.utils.errors import EXIT_OK, EXIT_SLO_UNMET, UserError
 from archquant.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -30,7 +46,7 @@ def budget_ladder(cfg, rng) -> tuple[list[float], list[str]]:
         else:
             ladder.append(b)
     if not ladder:
-        raise ValueError(
+        raise UserError(
             f"no budget of the ladder is feasible ({'; '.join(notes)}); the feasible range is "
             f"{rng.min_ms:.3g}-{rng.max_ms:.3g} ms: set run.budget_fractions or run.budgets_ms inside it"
         )
@@ -41,85 +57,55 @@ def _stage(n: int, total: int, what: str) -> None:
     log.info("==== [%d/%d] %s", n, total, what)
 
 
-def _evaluate_model(model, cfg, ctx) -> dict[str, Any]:
-    from archquant.data import resolve_data_path
-    from archquant.evaluation.perplexity import perplexity
-    from archquant.evaluation.zero_shot import headline_mean, zero_shot
-
-    out: dict[str, Any] = {}
-    if cfg.eval.perplexity:
-        out["perplexity"] = perplexity(
-            model, ctx.tokenizer, resolve_data_path(cfg.data, "ppl_file"), seq_len=cfg.eval.ppl_seq_len,
-            max_windows=cfg.eval.ppl_max_windows, batch_size=cfg.eval.ppl_batch_size,
-        )
-    if cfg.eval.tasks:
-        res = zero_shot(
-            model, ctx.tokenizer, cfg.eval.tasks, cfg.eval.limit, cfg.eval.batch_size, data_cfg=cfg.data,
-            progress=cfg.eval.progress,
-        )
-        out["tasks"] = res
-        out["mean"] = headline_mean(res)
-    return out
-
-
-def _distill_and_export(cfg, out: Path, chosen) -> tuple[dict[str, str], Path | None]:
-    """Distil the chosen subnet (``archquant-distill``) and export it (``archquant-export``) inside the run folder.
+def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | None):
+    """Distil the chosen subnet and export it inside the run folder.
 
     A failure here is recorded and logged, not raised: the evaluation of the undistilled pick still runs.
-    Returns the stage notes and the distilled folder (None when not distilled).
+    A distillation finished before (``distill/<output>/distill.json``) is reloaded, not redone.
+
+    Returns:
+        ``(notes, model)``: the stage notes and the model to evaluate as the pick (distilled when distillation
+        ran, else the materialised subnet; None when nothing was picked or the pick is the original).
     """
-    notes: dict[str, str] = {}
-    distilled: Path | None = None
     if chosen is None or chosen.arch is None:
         why = "no point was picked" if chosen is None else f"the picked point {chosen.name!r} is the original model"
         return {"distill": f"skipped: {why}", "export": "skipped: nothing to export"}, None
-    if chosen.run_dir is not None:
-        arch_path = Path(chosen.run_dir) / "arch.json"
-    else:  # a reference point (e.g. uniform-w4): its record lives in pareto.json only
-        from archquant.core.arch import Arch
-
-        arch_path = out / "picked_arch.json"
-        Arch.from_dict(chosen.arch).save(arch_path)
+    arch = Arch.from_dict(chosen.arch)
+    notes: dict[str, str] = {}
+    model, extra = None, {}
     if not cfg.run.distill:
         notes["distill"] = "skipped (run.distill=false)"
     else:
         folder = out / "distill"
-        done = folder / cfg.distill.output / "distill.json"
+        done = folder / cfg.distill.output
         try:
-            if not done.exists():
-                from archquant.commands.distill import run_distill
-
-                dcfg = dataclasses.replace(
-                    cfg, out_dir=str(folder), resume=str(folder) if (folder / "checkpoints").is_dir() else None,
-                    distill=dataclasses.replace(cfg.distill, arch=str(arch_path)),
-                )
-                run_distill(dcfg)
-            distilled = folder / cfg.distill.output
-            notes["distill"] = f"done: {distilled}"
+            if (done / "distill.json").exists():
+                model, _, record = load_distilled(done)
+            else:
+                record, model = distill_subnet(cfg, session=session, arch=arch, out_dir=folder,
+                                               resume=(folder / "checkpoints").is_dir())
+            extra["distill"] = {k: record.get(k) for k in ("steps", "tokens_seen", "before", "after", "folder")}
+            notes["distill"] = f"done: {done}"
         except Exception as err:  # noqa: BLE001 - later stages still run; the record says what failed
             log.exception("distillation failed")
             notes["distill"] = f"failed: {type(err).__name__}: {err}"
+            model = None
+    if model is None:
+        model = session.materialize(arch)
     if not cfg.run.export:
         notes["export"] = "skipped (run.export=false)"
     else:
         try:
-            from archquant.commands.export import export_job
-
-            ecfg = dataclasses.replace(
-                cfg, out_dir=str(out), resume=None,
-                export=dataclasses.replace(
-                    cfg.export, arch=str(arch_path), checkpoint=None if distilled is None else str(distilled),
-                    record=str(out / cfg.slo.output), out=str(out / cfg.export.out), overwrite=True,
-                ),
-            )
-            summary = export_job(ecfg)
+            ecfg = dataclasses.replace(cfg, out_dir=str(out), export=dataclasses.replace(
+                cfg.export, record=str(out / cfg.slo.output), out=str(out / cfg.export.out), overwrite=True))
+            summary = export_model(ecfg, session, model, arch, extra=extra)
             notes["export"] = f"done: {summary.get('folder')} {summary.get('formats')}"
         except Exception as err:  # noqa: BLE001
             log.exception("export failed")
             notes["export"] = f"failed: {type(err).__name__}: {err}"
     for stage, note in notes.items():
         log.info("%s: %s", stage, note)
-    return notes, distilled
+    return notes, model
 
 
 def main_job(cfg) -> dict[str, Any]:
@@ -129,13 +115,8 @@ def main_job(cfg) -> dict[str, Any]:
     ``picked.json``, ``eval.json``, ``run.json`` (stages, timings, paths). With ``resume=<folder>``,
     finished searches are kept, interrupted ones continue from their checkpoints, and later stages rerun.
     """
-    from archquant.commands.search import pareto_job, pick_job, search_job
-    from archquant.commands.session import SearchContext
-    from archquant.supernet import materialize
-    from archquant.core.arch import Arch
-
     if cfg.trainer.devices != 1:
-        raise ValueError(
+        raise UserError(
             f"archquant-run runs on one device (trainer.devices={cfg.trainer.devices}); run multi-process searches "
             "with archquant-search trainer.devices=N and collect them with archquant-pareto"
         )
@@ -146,12 +127,12 @@ def main_job(cfg) -> dict[str, Any]:
 
     _stage(1, total, f"load {cfg.model.name}, latency model ({cfg.latency.backend} {cfg.latency.scenario})")
     t0 = time.perf_counter()
-    ctx = SearchContext.load(cfg)
-    rng = ctx.feasible()
+    session = Session.load(cfg)
+    rng = session.feasible()
     ladder, notes = budget_ladder(cfg, rng)
     for note in notes:
         log.warning("budget ladder: %s", note)
-    ctx.targets()
+    session.targets()
     timings["load"] = time.perf_counter() - t0
 
     _stage(2, total, f"search at {len(ladder)} budgets {[f'{b:g}' for b in ladder]} ms (feasible {rng.min_ms:.3g}-{rng.max_ms:.3g} ms)")
@@ -164,14 +145,14 @@ def main_job(cfg) -> dict[str, Any]:
             log.info("search %d/%d at %g ms: done before, kept (%s)", i + 1, len(ladder), b, folder)
         else:
             log.info("search %d/%d at %g ms -> %s", i + 1, len(ladder), b, folder)
-            search_job(sub, ctx=ctx, out_dir=folder, resume=(folder / "checkpoints").is_dir())
+            search_job(sub, session=session, out_dir=folder, resume=(folder / "checkpoints").is_dir())
         searches.append(str(folder))
     timings["search"] = time.perf_counter() - t0
 
     _stage(3, total, "Pareto front: measure latency in the backend, held-out perplexity")
     t0 = time.perf_counter()
     pcfg = dataclasses.replace(cfg, out_dir=str(out), pareto=dataclasses.replace(cfg.pareto, runs=[str(out / "searches")]))
-    points, front = pareto_job(pcfg, ctx=ctx)
+    points, front = pareto_job(pcfg, session=session)
     timings["pareto"] = time.perf_counter() - t0
 
     full = next((p for p in points if p.source == "full"), None)
@@ -180,29 +161,24 @@ def main_job(cfg) -> dict[str, Any]:
         ref = full.latency_ms if full is not None and full.latency_ms is not None else rng.max_ms
         slo = round(cfg.run.slo_fraction * ref, 3)
         log.info("slo.latency_ms unset: using run.slo_fraction=%g x the full model's %.3f ms = %g ms", cfg.run.slo_fraction, ref, slo)
-    scfg = dataclasses.replace(cfg, out_dir=str(out), slo=dataclasses.replace(cfg.slo, latency_ms=slo, front=str(out / cfg.pareto.output)))
-    picked = pick_job(scfg)
+    slo_cfg = dataclasses.replace(cfg.slo, latency_ms=slo, front=str(out / cfg.pareto.output))
+    picked = pick_points(points, slo_cfg, out)
 
     _stage(4, total, "distil + export the picked subnet")
     t0 = time.perf_counter()
     chosen = picked.point if picked.met else picked.fastest
-    later, distilled = _distill_and_export(cfg, out, chosen)
+    later, model = distill_and_export(cfg, session, out, chosen)
     timings["distill_export"] = time.perf_counter() - t0
 
     _stage(5, total, f"evaluate the picked model and the original ({list(cfg.eval.tasks)}, limit {cfg.eval.limit})")
     t0 = time.perf_counter()
     evaluation: dict[str, Any] = {}
     if cfg.run.evaluate:
-        if distilled is not None:
-            from archquant.commands.distill import load_distilled
-
-            evaluation["picked"] = {"name": f"{chosen.name} (distilled)", **_evaluate_model(load_distilled(distilled)[0], cfg, ctx)}
-        elif chosen is not None and chosen.arch is not None:
-            sn = ctx.build_supernet()
-            model = materialize(sn, Arch.from_dict(chosen.arch)).eval()
-            evaluation["picked"] = {"name": chosen.name, **_evaluate_model(model, cfg, ctx)}
-        evaluation["full"] = {"name": "full", **_evaluate_model(ctx.model, cfg, ctx)}
-        atomic_write_json(out / cfg.eval.output, {"version": 1, "header": run_header(), **evaluation})
+        if model is not None:
+            name = chosen.name + (" (distilled)" if later["distill"].startswith("done") else "")
+            evaluation["picked"] = evaluate(model, session.tokenizer, cfg.eval, cfg.data, model_name=name)
+        evaluation["full"] = evaluate(session.model, session.tokenizer, cfg.eval, cfg.data, model_name="full")
+        atomic_write_json(out / cfg.eval.output, {"version": 2, "header": run_header(), **evaluation})
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -217,10 +193,16 @@ def main_job(cfg) -> dict[str, Any]:
         "slo_ms": slo,
         "picked": picked.to_dict(),
         "stages": later,
-        "evaluation": {k: {"name": v.get("name"), "ppl": (v.get("perplexity") or {}).get("ppl"), "mean": v.get("mean")} for k, v in evaluation.items()},
+        "evaluation": {k: {"name": v["model"], "ppl": (v["perplexity"] or {}).get("ppl"),
+                           "mean": v["summary"]["mean_headline_acc"]} for k, v in evaluation.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "files": {"pareto": str(out / cfg.pareto.output), "picked": str(out / cfg.slo.output), "eval": str(out / cfg.eval.output)},
     }
     atomic_write_json(out / "run.json", record)
     log.info("main job done in %.1f min: %s -> %s", timings["total"] / 60, picked.message, out / "run.json")
     return record
+
+
+def run(cfg) -> int:
+    """``archquant-run``: ``main_job``, then the exit status (``EXIT_SLO_UNMET`` when no point meets the SLO)."""
+    return EXIT_OK if main_job(cfg)["picked"]["met"] else EXIT_SLO_UNMET

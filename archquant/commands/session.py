@@ -1,41 +1,54 @@
-"""What every search-side command loads once: model, space, latency model, teacher targets, supernets."""
+"""``Session``: what the commands load once: the model, the space as the backend restricts it, the latency model.
+
+A command builds one session from its config; the main job passes the same session (and objects: an ``Arch``,
+a model) from stage to stage, so the model is loaded once, the space resolved once, the latency table read once
+and the supernet that materialises subnets built once. Files are written as records, not read back.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from archquant.backends import Backend, get_backend
+from archquant.core.arch import Arch
+from archquant.core.space import Space, model_fingerprint, resolve_space
+from archquant.latency import load_table_for
 from archquant.search.budget import FeasibleRange, check_budget, feasible_range
 from archquant.search.teacher import TeacherTargets, cached_teacher_targets
-from archquant.core.space import Space, resolve_space
 from archquant.utils.env import device_name
+from archquant.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
-class SearchContext:
-    """The loaded pieces shared by a search, a ladder of searches, the Pareto evaluation and the main job.
+class Session:
+    """The loaded pieces shared by every stage of a command.
 
-    Build with ``SearchContext.load(cfg)``; calibration targets and supernets are made on first use.
+    Build with ``Session.load(cfg)``; calibration targets and supernets are made on first use.
     """
 
-    cfg: object
-    model: torch.nn.Module
-    tokenizer: object
+    cfg: Any
+    model: nn.Module
+    tokenizer: Any
     backend: Backend
     space: Space
-    latency_model: object
+    latency_model: Any
     _targets: tuple[TeacherTargets, TeacherTargets] | None = field(default=None, repr=False)
+    _calib_ids: torch.Tensor | None = field(default=None, repr=False)
+    _materializer: Any = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, cfg) -> SearchContext:
-        """Load the model, resolve the space as the backend restricts it, and find the latency model."""
-        from archquant.latency import load_table_for
+    def load(cls, cfg) -> Session:
+        """Load ``model.name``, resolve the space as the backend restricts it, find the latency model."""
         from archquant.models.registry import load_model
 
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.model.seed)
@@ -45,7 +58,7 @@ class SearchContext:
         space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
         lm = load_table_for(cfg.latency, space, backend)
         log.info("space:\n%s", space.describe())
-        log.info("%s", lm.describe() if hasattr(lm, "describe") else lm)
+        log.info("%s", lm.describe())
         return cls(cfg=cfg, model=model, tokenizer=tokenizer, backend=backend, space=space, latency_model=lm)
 
     # ---- budgets -------------------------------------------------------------------------------
@@ -60,45 +73,110 @@ class SearchContext:
     def check_budget(self, budget) -> FeasibleRange:
         return check_budget(self.latency_model, self.space, budget, self.where())
 
+    def predicted(self, arch: Arch) -> dict[str, Any]:
+        """The latency model's prediction for ``arch`` (recorded with exports)."""
+        return {
+            "predicted_ms": float(self.latency_model.predict_ms(arch)),
+            "predicted_mb": float(self.latency_model.predict_mb(arch)),
+            "backend": self.cfg.latency.backend,
+            "scenario": self.cfg.latency.scenario,
+            "estimate": bool(getattr(self.latency_model.table, "is_estimate", False)),
+        }
+
     # ---- data and teacher ------------------------------------------------------------------------
     def model_key(self) -> dict:
         m = self.cfg.model
         return {"name": m.name, "dtype": m.dtype, "seed": m.seed, "fingerprint": self.space.fingerprint}
 
-    def targets(self) -> tuple[TeacherTargets, TeacherTargets]:
-        """Calibration and held-out blocks with the teacher's top-k targets (disk-cached)."""
-        if self._targets is None:
+    def calib_ids(self) -> torch.Tensor:
+        """The calibration token blocks (importance, search and distillation all read these)."""
+        if self._calib_ids is None:
             from archquant.data import calibration_blocks
-            from archquant.utils.paths import cache_dir
 
-            out = []
-            for split in ("calib", "val"):
-                ids = calibration_blocks(self.tokenizer, self.cfg.data, split)
-                out.append(
-                    cached_teacher_targets(
-                        self.model,
-                        ids,
-                        topk=self.cfg.search.teacher_topk,
-                        temperature=self.cfg.search.kd_temperature,
-                        model_key=self.model_key(),
-                        cache_dir=cache_dir() / "teacher",
-                    )
-                )
-            self._targets = (out[0], out[1])
+            self._calib_ids = calibration_blocks(self.tokenizer, self.cfg.data, "calib")
+        return self._calib_ids
+
+    def teacher_targets(self, split: str, topk: int, temperature: float) -> TeacherTargets:
+        """The teacher's top-k targets on the ``calib`` or ``val`` blocks (disk-cached)."""
+        from archquant.data import calibration_blocks
+        from archquant.utils.paths import cache_dir
+
+        ids = self.calib_ids() if split == "calib" else calibration_blocks(self.tokenizer, self.cfg.data, split)
+        return cached_teacher_targets(self.model, ids, topk=topk, temperature=temperature, model_key=self.model_key(),
+                                      cache_dir=cache_dir() / "teacher")
+
+    def targets(self) -> tuple[TeacherTargets, TeacherTargets]:
+        """Calibration and held-out targets at the search's top-k and temperature."""
+        if self._targets is None:
+            sc = self.cfg.search
+            self._targets = (self.teacher_targets("calib", sc.teacher_topk, sc.kd_temperature),
+                             self.teacher_targets("val", sc.teacher_topk, sc.kd_temperature))
         return self._targets
 
-    def build_supernet(self):
-        """A fresh supernet (importance from the calibration blocks, cached on disk by ``build``)."""
+    # ---- supernets and subnets -----------------------------------------------------------------
+    def _build(self):
         from archquant.supernet import build
 
-        calib, _ = self.targets()
-        sn = build(self.model, self.cfg.space, backend=self.backend, calib_ids=calib.ids)
+        sn = build(self.model, self.cfg.space, backend=self.backend, calib_ids=self.calib_ids())
         if sn.space.gates() != self.space.gates():
-            raise RuntimeError("the supernet resolved a different space than the budget check; report this as a bug")
+            raise RuntimeError("the supernet resolved a different space than the session; report this as a bug")
         return sn
+
+    def search_supernet(self):
+        """A fresh supernet to search: a search fixes gates and drops branches physically, so each search gets
+        its own (importance scores are cached on disk, so this costs a copy of the weights)."""
+        return self._build()
+
+    def materialize(self, arch: Arch) -> nn.Module:
+        """``arch`` cut out of the session's one materialising supernet (built on first use, never searched)."""
+        from archquant.supernet import materialize
+
+        arch.check(self.space)
+        if self._materializer is None:
+            self._materializer = self._build()
+        return materialize(self._materializer, arch).eval()
+
+    def load_arch(self, path: str | Path | None, key: str) -> Arch:
+        """Read an ``arch.json`` (or a run folder holding one) and refuse one made for another model or space.
+
+        Raises:
+            UserError: no path given (the message names ``key``).
+            ArchError: another base model or space (dimensions named).
+        """
+        if not path:
+            raise UserError(f"{key} is required: pass the arch.json written by archquant-search or archquant-pick "
+                            f"({key}=/path/to/arch.json)")
+        p = Path(path)
+        arch = Arch.load(p / "arch.json" if p.is_dir() else p)
+        arch.check_model(model_fingerprint(self.model.config))
+        arch.check(self.space)
+        return arch
 
     def gguf_source(self) -> Path | None:
         """The GGUF whose tokenizer an exported subnet copies (the embedded default's own file)."""
         from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
 
         return ensure_embedded_gguf() if self.cfg.model.name == EMBEDDED_NAME else None
+
+
+def load_by_name(name: str, *, dtype: str | torch.dtype = "float32", seed: int = 0):
+    """``(model, tokenizer)`` of an export folder (verified against its manifest), a registry name, a local HF
+    folder or a hub id.
+
+    Raises:
+        UserError: an export folder without a tokenizer; ``ModelNotFoundError`` for an unknown name;
+            ``ManifestError`` for an export folder whose files do not match their manifest.
+    """
+    from archquant.export.packed import load, load_tokenizer
+    from archquant.models.registry import load_model
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "archquant.json").is_file():
+        tok = load_tokenizer(path)
+        if tok is None:
+            raise UserError(f"export folder {path} holds no tokenizer; re-export it with one to evaluate or generate")
+        model = load(path)
+        return (model if torch_dtype == torch.float32 else model.to(torch_dtype)).eval(), tok
+    model, tok = load_model(name, dtype=torch_dtype, seed=seed)
+    return model.eval(), tok

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from archquant.core.space import LINEARS, Space
+from archquant.utils.errors import UserError
 
 ARCH_VERSION = 1
 
 
-class ArchError(ValueError):
+class ArchError(UserError, ValueError):
     """An arch record that does not fit the model or space it is applied to."""
 
 

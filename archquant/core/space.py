@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from archquant.core.linears import LINEARS
+from archquant.utils.errors import UserError
 
 BIT_GROUPS = {
     "linear": {name: (name,) for name in LINEARS},
@@ -21,7 +22,7 @@ BIT_GROUPS = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search space that cannot be applied to the model."""
 
 

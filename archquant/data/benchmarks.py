@@ -1,4 +1,4 @@
-"""Load the zero-shot benchmark files (local JSONL) through ``datasets`` and check their schema.
+"""Load the zero-shot benchmark files (JSONL, local or written from the Hub) through ``datasets``; check their schema.
 
 Each task's schema is the one its ``SOURCE.md`` describes in the shared data folder. A missing or
 null field fails here, naming the file, the row and the field, before any model time is spent.
@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from archquant.data.config import DEFAULT_TASK_FILES, DataConfig
-from archquant.data.files import DataFormatError, resolve_data_path, set_datasets_offline
+from archquant.data.errors import DataFormatError
+from archquant.data.files import resolve_data_path
+from archquant.data.hub import set_datasets_offline
 from archquant.utils.paths import cache_dir
 
 TASKS = tuple(DEFAULT_TASK_FILES)
@@ -123,7 +125,7 @@ def load_benchmark(task: str, data_cfg: DataConfig | None = None, *, limit: int 
     file = Path(path) if path is not None else resolve_data_path(data_cfg, f"task_files.{task}")
     if path is not None and not file.is_file():
         raise FileNotFoundError(f"{task}: benchmark file {file} not found; set data.task_files.{task}=/path/to/file")
-    set_datasets_offline()
+    set_datasets_offline(data_cfg)
     import datasets
 
     datasets.disable_progress_bars()  # one bar per evaluation is enough; file loads take milliseconds

@@ -33,7 +33,7 @@ class LoraConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation of a materialised subnet with QAT (DESIGN section 8).
+    """Knowledge distillation of a materialised subnet with QAT (quantisation-aware: the forward uses the backend's quantiser).
 
     Attributes:
         arch: the ``arch.json`` to materialise (from ``archquant-search`` / ``archquant-pick``).

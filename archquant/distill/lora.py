@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from archquant.core.linears import MODULE_PATHS
+from archquant.utils.errors import UserError
 
 
-class LoraRankError(ValueError):
+class LoraRankError(UserError, ValueError):
     """A LoRA rank larger than an adapted layer's width."""
 
 

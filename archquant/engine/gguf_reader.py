@@ -1,8 +1,11 @@
-"""Fast reader of a GGUF's header: metadata key/values and tensor infos, without touching tensor data.
+"""Fast reader of a GGUF's header, and the checks of its shapes that must pass before llama.cpp loads it.
 
 ``gguf.GGUFReader`` builds a numpy view per array element; on the embedded default's 98k-entry
 vocabulary and merges that takes 15-30 s here. This parser reads the same header with ``struct`` in
 well under a second. It follows the GGUF v2/v3 layout (little-endian) that ``gguf.GGUFWriter`` writes.
+
+``check_gguf`` reads the llama/deci metadata and refuses the shapes that make llama.cpp abort the
+process instead of returning an error (measured, NOTES.md), so a bad file fails with a message.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFValueType
+from archquant.utils.errors import UserError
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -22,8 +26,12 @@ _SCALAR = {
 }
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(UserError, ValueError):
     """Not a GGUF file, or a truncated / unsupported header."""
+
+
+class GGUFShapeError(UserError, ValueError):
+    """A GGUF shape llama.cpp cannot run (it would abort the process), found before loading or writing."""
 
 
 @dataclass(frozen=True)
@@ -139,3 +147,61 @@ def read_header(path: str | Path) -> tuple[dict[str, GGUFField], tuple[GGUFTenso
         raise FileNotFoundError(f"GGUF {p} does not exist")
     st = p.stat()
     return _read_header_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def check_gguf(path: str | Path) -> dict[str, Any]:
+    """Validate a llama/deci GGUF's metadata against the shapes known to crash llama.cpp, before loading it.
+
+    Returns:
+        ``{"arch", "block_count", "head_count", "head_count_kv", "feed_forward_length", "embedding_length",
+        "head_dim", "vocab", "types"}`` (per-layer lists).
+
+    Raises:
+        GGUFShapeError: a shape llama.cpp would abort on (FFN length 0, heads not divisible by KV heads,
+            zero heads without a key length), naming the layer.
+    """
+    path = Path(path)
+    fields, tensors = read_header(path)
+
+    def val(key, default=None):
+        return fields[key].value if key in fields else default
+
+    arch = val("general.architecture")
+    n_layer = int(val(f"{arch}.block_count", 0))
+
+    def per_layer(key):
+        v = val(f"{arch}.{key}")
+        if v is None:
+            return None
+        v = list(v) if isinstance(v, list) else [v] * n_layer
+        if len(v) != n_layer:
+            raise GGUFShapeError(f"{path.name}: {arch}.{key} has {len(v)} entries for {n_layer} blocks")
+        return [int(x) for x in v]
+
+    heads, kv, ffn = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
+    hidden = int(val(f"{arch}.embedding_length", 0))
+    hd = val(f"{arch}.attention.key_length")
+    if arch in ("llama", "deci"):
+        if heads is None or ffn is None:
+            raise GGUFShapeError(f"{path.name}: missing {arch}.attention.head_count or {arch}.feed_forward_length")
+        kv = kv or heads
+        if hd is None and heads[0] == 0:
+            raise GGUFShapeError(f"{path.name}: layer 0 has 0 heads and no key_length, which makes head_dim 0")
+        for i in range(n_layer):
+            if ffn[i] == 0:
+                raise GGUFShapeError(f"{path.name}: layer {i} has feed_forward_length 0 (drops or aborts the layer)")
+            if kv[i] and heads[i] % kv[i]:
+                raise GGUFShapeError(f"{path.name}: layer {i} has {heads[i]} heads, not a multiple of {kv[i]} KV heads")
+    types = {t.name: t.type for t in tensors}
+    vocab = len(val("tokenizer.ggml.tokens", []) or [])
+    return {
+        "arch": arch,
+        "block_count": n_layer,
+        "head_count": heads,
+        "head_count_kv": kv,
+        "feed_forward_length": ffn,
+        "embedding_length": hidden,
+        "head_dim": int(hd) if hd is not None else (hidden // heads[0] if heads and heads[0] else None),
+        "vocab": vocab,
+        "types": types,
+    }

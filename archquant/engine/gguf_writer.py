@@ -13,6 +13,10 @@ heads (aborts), per-layer head sizes (GGUF has one), a quantised row length not 
 
 HF stores q/k rows in "rotate half" order; llama.cpp's RoPE pairs adjacent rows, so q and k are
 permuted per head exactly as llama.cpp's ``convert_hf_to_gguf.py`` does (``permute_qk``).
+
+``write_gguf`` is the one place a GGUF is assembled from an ``ExportPlan`` (metadata keys, per-layer
+arrays, tokenizer entries, tensor names and order); its caller supplies only the tensor bytes: a
+model's weights here (``export_gguf``), random bytes of the same shapes for the latency profiler.
 """
 
 from __future__ import annotations
@@ -24,24 +28,36 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from archquant.quant import gguf as quant
 from archquant.backends.llamacpp import resolve_types
-from archquant.core.linears import LINEARS, MODULE_PATHS, gguf_name
+from archquant.core.linears import LINEARS, MODULE_PATHS, NORM_PATHS, gguf_name
 from archquant.engine.gguf_reader import read_header
+from archquant.utils.errors import UserError
 
 # which search decision sets a linear's input width, for error messages
 ROW_DECISION = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "kv_groups/q_per_group", "gate": "hidden",
                 "up": "hidden", "down": "mlp"}
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType
+_NORMS = dict(zip(("attn_norm", "ffn_norm"), NORM_PATHS))  # GGUF part -> module path inside a block
+
+# (key, value, GGUF value type, array element type or None): one metadata entry as GGUFWriter.add_key_value takes it
+KeyValue = tuple[str, Any, Any, Any]
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError, ValueError):
     """A model GGUF / llama.cpp cannot represent or would crash on; raised before anything is written."""
+
+
+def linear_shapes(hidden: int, head_dim: int, n_head: int, n_kv: int, n_ff: int) -> dict[str, tuple[int, int]]:
+    """``(rows, cols)`` = ``(out, in)`` (torch's weight layout) of a block's seven linears."""
+    q, kv = n_head * head_dim, n_kv * head_dim
+    return {"q": (q, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, q),
+            "gate": (n_ff, hidden), "up": (n_ff, hidden), "down": (hidden, n_ff)}
 
 
 @dataclass
@@ -66,9 +82,32 @@ class LayerPlan:
     rope_pairs: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as ``write_gguf`` writes it.
+
+    Attributes:
+        name: GGUF tensor name (``core.linears.gguf_name``).
+        part: a linear's short name, ``attn_norm``, ``ffn_norm``, ``embed``, ``output`` or ``output_norm``.
+        layer: the block it belongs to (None for the embedding, final norm and lm_head).
+        shape: torch order, ``(rows, cols)`` or ``(n,)``.
+        type: GGUF type name.
+    """
+
+    name: str
+    part: str
+    layer: LayerPlan | None
+    shape: tuple[int, ...]
+    type: str
+
+
 @dataclass
 class ExportPlan:
-    """Everything ``export_gguf`` will write, validated."""
+    """Everything a GGUF holds but the tensor bytes: what ``write_gguf`` writes.
+
+    ``plan_gguf`` builds and validates it from a model; the latency profiler builds it from a sampled
+    subnet's shapes (``SubnetShape.plan``), which its restricted space keeps within llama.cpp's limits.
+    """
 
     arch: str
     hidden: int
@@ -83,17 +122,23 @@ class ExportPlan:
     output_type: str | None  # None: tied to token_embd
     types: dict[int, str] = field(default_factory=dict)
 
+    def tensors(self) -> list[TensorSpec]:
+        """Every tensor in writing order: embedding, final norm, untied lm_head, then per block its two
+        norms and seven linears."""
+        embd = (self.vocab, self.hidden)
+        out = [TensorSpec(gguf_name("embed"), "embed", None, embd, self.embd_type),
+               TensorSpec(gguf_name("output_norm"), "output_norm", None, (self.hidden,), "F32")]
+        if self.output_type is not None:
+            out.append(TensorSpec(gguf_name("output"), "output", None, embd, self.output_type))
+        for lp in self.layers:
+            out += [TensorSpec(gguf_name(norm, lp.index), norm, lp, (self.hidden,), "F32") for norm in _NORMS]
+            shapes = linear_shapes(self.hidden, self.head_dim, lp.n_head, lp.n_head_kv, lp.n_ff)
+            out += [TensorSpec(gguf_name(lin, lp.index), lin, lp, shapes[lin], lp.types[lin]) for lin in LINEARS]
+        return out
+
     def tensor_types(self) -> dict[str, str]:
         """GGUF tensor name -> type, as written."""
-        out = {"token_embd.weight": self.embd_type, "output_norm.weight": "F32"}
-        if self.output_type is not None:
-            out["output.weight"] = self.output_type
-        for lp in self.layers:
-            out[f"blk.{lp.index}.attn_norm.weight"] = "F32"
-            out[f"blk.{lp.index}.ffn_norm.weight"] = "F32"
-            for lin in LINEARS:
-                out[gguf_name(lin, lp.index)] = lp.types[lin]
-        return out
+        return {t.name: t.type for t in self.tensors()}
 
     def describe(self) -> str:
         heads = sorted({lp.n_head for lp in self.layers})
@@ -231,12 +276,10 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
                           f"(decisions layers.{sources[i]}.kv_groups / q_per_group)")
         if n_ff == 0:
             raise fail(i, f"MLP width 0 would drop the whole layer in llama.cpp (decision layers.{sources[i]}.mlp)")
-        expect = {"q": (n_head * head_dim, hidden), "k": (n_kv * head_dim, hidden), "v": (n_kv * head_dim, hidden),
-                  "o": (hidden, n_head * head_dim), "gate": (n_ff, hidden), "up": (n_ff, hidden), "down": (hidden, n_ff)}
-        for lin, shape in expect.items():
+        for lin, shape in linear_shapes(hidden, head_dim, n_head, n_kv, n_ff).items():
             if tuple(w[lin].shape) != shape:
                 raise fail(i, f"{MODULE_PATHS[lin]}.weight has shape {tuple(w[lin].shape)}, expected {shape}")
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in NORM_PATHS:
             nw = _module(block, norm, i, sources).weight
             if tuple(nw.shape) != (hidden,):
                 raise fail(i, f"{norm}.weight has shape {tuple(nw.shape)}, expected ({hidden},)")
@@ -349,8 +392,9 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_bytes(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
-    """Array + raw GGML type for ``GGUFWriter.add_tensor`` (quantised with gguf's own quantiser)."""
+def _encode(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
+    """Array + raw GGML type (None for float arrays) for ``GGUFWriter.add_tensor``, quantised with gguf's own
+    quantiser."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -368,13 +412,13 @@ def _tensor_bytes(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
 # ---- tokenizer ----------------------------------------------------------------------------------
 
 
-def tokenizer_kv_from_gguf(path: str | Path) -> list[tuple[str, Any, Any, Any]]:
+def tokenizer_kv_from_gguf(path: str | Path) -> list[KeyValue]:
     """``(key, value, type, sub_type)`` of every ``tokenizer.*`` entry of a GGUF (vocab, merges, chat template)."""
     fields, _ = read_header(path)
     return [(k, f.value, f.type, f.sub_type) for k, f in fields.items() if k.startswith("tokenizer.")]
 
 
-def tokenizer_kv_from_hf(tokenizer, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
+def tokenizer_kv_from_hf(tokenizer, vocab_size: int) -> list[KeyValue]:
     """GGUF tokenizer entries for a byte-level BPE Hugging Face tokenizer (GPT-2 style, as SmolLM2's).
 
     Ids the tokenizer does not cover (a padded embedding) become unused ``[PAD{i}]`` tokens.
@@ -436,6 +480,105 @@ def _check_vocab(kv: list[tuple], vocab: int) -> None:
 # ---- writer -------------------------------------------------------------------------------------
 
 
+def write_gguf(
+    path: str | Path,
+    plan: ExportPlan,
+    tokenizer_kv: list[KeyValue],
+    tensor: Callable[[TensorSpec], tuple[np.ndarray, Any]],
+    *,
+    name: str,
+    extra_kv: Iterable[KeyValue] = (),
+) -> Path:
+    """Write ``plan`` as a GGUF: its metadata, the tokenizer entries, ``extra_kv``, then every tensor of
+    ``plan.tensors()`` with the bytes ``tensor(spec)`` returns.
+
+    Args:
+        path: output ``.gguf`` (written atomically: a failure leaves no partial file).
+        plan: shapes, types and hyper-parameters (validated: ``plan_gguf``, or built by the caller).
+        tokenizer_kv: ``tokenizer.*`` entries; their vocabulary must have ``plan.vocab`` tokens.
+        tensor: ``spec -> (array, raw GGML type)``: a float32/float16 array of ``spec.shape`` with None, or
+            the uint8 blocks of a quantised type with its ``GGMLQuantizationType``.
+        name: ``general.name``.
+        extra_kv: more metadata entries, written after the tokenizer's.
+
+    Returns:
+        The written path.
+
+    Raises:
+        GGUFExportError: the tokenizer's vocabulary is not ``plan.vocab``, or a tensor's bytes do not have
+            the shape or type its spec says (the header, which llama.cpp trusts, is written from the plan).
+    """
+    from gguf import GGUFWriter
+
+    _check_vocab(tokenizer_kv, plan.vocab)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # one INFO line per file otherwise
+    try:
+        writer = GGUFWriter(tmp, plan.arch)
+        _write_kv(writer, plan, name)
+        for key, val, vtype, sub in [*tokenizer_kv, *extra_kv]:
+            writer.add_key_value(key, val, vtype, sub_type=sub)
+        for spec in plan.tensors():
+            arr, raw = tensor(spec)
+            _check_encoded(spec, arr, raw)
+            writer.add_tensor(spec.name, arr, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _check_encoded(spec: TensorSpec, arr: np.ndarray, raw) -> None:
+    """The bytes must be what the metadata says: llama.cpp reads shapes from the header, not the data."""
+    per_block, nbytes = quant.TYPE_SIZES[spec.type]
+    if raw is None:
+        dtype, shape = {"F32": np.float32, "F16": np.float16}.get(spec.type), spec.shape
+    else:
+        dtype, shape = np.uint8, (*spec.shape[:-1], spec.shape[-1] // per_block * nbytes)
+        if raw.name != spec.type:
+            raise GGUFExportError(f"{spec.name}: encoded as {raw.name}, planned as {spec.type}")
+    if arr.dtype != dtype or tuple(arr.shape) != shape:
+        raise GGUFExportError(f"{spec.name}: encoded as {arr.dtype}{tuple(arr.shape)}, {spec.type} "
+                              f"{spec.shape} needs {np.dtype(dtype) if dtype else 'raw blocks'}{shape}")
+
+
+def _write_kv(writer, plan: ExportPlan, name: str) -> None:
+    writer.add_name(name)
+    writer.add_quantization_version(2)
+    by_type: dict[str, int] = {}
+    for lp in plan.layers:
+        for t in lp.types.values():
+            by_type[t] = by_type.get(t, 0) + 1
+    main = max(by_type, key=lambda t: (by_type[t], t)) if by_type else "F32"
+    writer.add_file_type(_FILE_TYPE[main])
+    writer.add_context_length(plan.context_length)
+    writer.add_embedding_length(plan.hidden)
+    writer.add_block_count(len(plan.layers))
+    writer.add_vocab_size(plan.vocab)
+    if plan.arch == "deci":
+        writer.add_feed_forward_length([lp.n_ff for lp in plan.layers])
+        writer.add_head_count([lp.n_head for lp in plan.layers])
+        writer.add_head_count_kv([lp.n_head_kv for lp in plan.layers])
+    else:
+        lp = plan.layers[0]
+        writer.add_feed_forward_length(lp.n_ff)
+        writer.add_head_count(lp.n_head)
+        writer.add_head_count_kv(lp.n_head_kv)
+    writer.add_key_length(plan.head_dim)
+    writer.add_value_length(plan.head_dim)
+    writer.add_rope_dimension_count(plan.head_dim)
+    writer.add_rope_freq_base(plan.rope_theta)
+    writer.add_layer_norm_rms_eps(plan.rms_eps)
+
+
 def export_gguf(
     model,
     path: str | Path,
@@ -464,7 +607,7 @@ def export_gguf(
     Raises:
         GGUFExportError: a shape or type GGUF cannot hold, or no tokenizer (before anything is written).
     """
-    from gguf import GGUFWriter
+    from gguf import GGUFValueType as V
 
     plan = plan_gguf(model, types=types, arch=arch)
     if source_gguf is not None:
@@ -476,143 +619,26 @@ def export_gguf(
             "llama.cpp needs a tokenizer in the GGUF: pass source_gguf= (e.g. ensure_embedded_gguf() for the embedded "
             "default) or tokenizer= (a Hugging Face byte-level BPE tokenizer)"
         )
-    _check_vocab(kv, plan.vocab)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
-    try:
-        writer = GGUFWriter(tmp, plan.arch)
-        _write_kv(writer, plan, model, name)
-        for key, val, vtype, sub in kv:
-            writer.add_key_value(key, val, vtype, sub_type=sub)
-        writer.add_array("archquant.layer_source", [lp.source for lp in plan.layers])
-        writer.add_string("archquant.types", json.dumps({str(k): v for k, v in plan.types.items()}))
-        _add_tensors(writer, plan, model)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    extra = [
+        ("archquant.layer_source", [lp.source for lp in plan.layers], V.ARRAY, None),
+        ("archquant.types", json.dumps({str(k): v for k, v in plan.types.items()}), V.STRING, None),
+    ]
+    name = name or str(getattr(model.config, "name_or_path", "") or "archquant-subnet")
+    return write_gguf(path, plan, kv, lambda spec: _encode(_weight(model, spec), spec.type), name=name, extra_kv=extra)
 
 
-def _write_kv(writer, plan: ExportPlan, model, name: str | None) -> None:
-    writer.add_name(name or str(getattr(model.config, "name_or_path", "") or "archquant-subnet") or "archquant-subnet")
-    writer.add_quantization_version(2)
-    by_type: dict[str, int] = {}
-    for lp in plan.layers:
-        for t in lp.types.values():
-            by_type[t] = by_type.get(t, 0) + 1
-    main = max(by_type, key=lambda t: (by_type[t], t)) if by_type else "F32"
-    writer.add_file_type(_FILE_TYPE[main])
-    writer.add_context_length(plan.context_length)
-    writer.add_embedding_length(plan.hidden)
-    writer.add_block_count(len(plan.layers))
-    writer.add_vocab_size(plan.vocab)
-    if plan.arch == "deci":
-        writer.add_feed_forward_length([lp.n_ff for lp in plan.layers])
-        writer.add_head_count([lp.n_head for lp in plan.layers])
-        writer.add_head_count_kv([lp.n_head_kv for lp in plan.layers])
-    else:
-        lp = plan.layers[0]
-        writer.add_feed_forward_length(lp.n_ff)
-        writer.add_head_count(lp.n_head)
-        writer.add_head_count_kv(lp.n_head_kv)
-    writer.add_key_length(plan.head_dim)
-    writer.add_value_length(plan.head_dim)
-    writer.add_rope_dimension_count(plan.head_dim)
-    writer.add_rope_freq_base(plan.rope_theta)
-    writer.add_layer_norm_rms_eps(plan.rms_eps)
-
-
-def _add_tensors(writer, plan: ExportPlan, model) -> None:
+def _weight(model, spec: TensorSpec) -> torch.Tensor:
+    """The model's tensor behind ``spec``; q/k rows in llama.cpp's RoPE order."""
     body = model.model
-    embd = body.embed_tokens.weight
-    writer.add_tensor("token_embd.weight", *_pair(embd, plan.embd_type))
-    writer.add_tensor("output_norm.weight", *_pair(body.norm.weight, "F32"))
-    if plan.output_type is not None:
-        writer.add_tensor("output.weight", *_pair(model.get_output_embeddings().weight, plan.output_type))
-    for lp, block in zip(plan.layers, body.layers):
-        i = lp.index
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", *_pair(block.input_layernorm.weight, "F32"))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", *_pair(block.post_attention_layernorm.weight, "F32"))
-        for lin, mpath in MODULE_PATHS.items():
-            w = _module(block, mpath, i, [lp.source]).weight.detach()
-            if lin in ("q", "k"):
-                heads = lp.n_head if lin == "q" else lp.n_head_kv
-                if lp.rope_pairs is not None:
-                    w = unpermute_rope_pairs(w, heads, lp.rope_pairs)
-                w = permute_qk(w, heads)
-            writer.add_tensor(gguf_name(lin, i), *_pair(w, lp.types[lin]))
-
-
-def _pair(w: torch.Tensor, qtype: str) -> tuple:
-    arr, raw = _tensor_bytes(w, qtype)
-    return (arr,) if raw is None else (arr, None, raw)
-
-
-# ---- reading back -------------------------------------------------------------------------------
-
-
-def check_gguf(path: str | Path) -> dict[str, Any]:
-    """Validate a llama/deci GGUF's metadata against the shapes known to crash llama.cpp, before loading it.
-
-    Returns:
-        ``{"arch", "block_count", "head_count", "head_count_kv", "feed_forward_length", "embedding_length",
-        "head_dim", "vocab", "types"}`` (per-layer lists).
-
-    Raises:
-        GGUFExportError: a shape llama.cpp would abort on (FFN length 0, heads not divisible by KV heads,
-            zero heads without a key length), naming the layer.
-    """
-    path = Path(path)
-    fields, tensors = read_header(path)
-
-    def val(key, default=None):
-        return fields[key].value if key in fields else default
-
-    arch = val("general.architecture")
-    n_layer = int(val(f"{arch}.block_count", 0))
-
-    def per_layer(key):
-        v = val(f"{arch}.{key}")
-        if v is None:
-            return None
-        v = list(v) if isinstance(v, list) else [v] * n_layer
-        if len(v) != n_layer:
-            raise GGUFExportError(f"{path.name}: {arch}.{key} has {len(v)} entries for {n_layer} blocks")
-        return [int(x) for x in v]
-
-    heads, kv, ffn = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
-    hidden = int(val(f"{arch}.embedding_length", 0))
-    hd = val(f"{arch}.attention.key_length")
-    if arch in ("llama", "deci"):
-        if heads is None or ffn is None:
-            raise GGUFExportError(f"{path.name}: missing {arch}.attention.head_count or {arch}.feed_forward_length")
-        kv = kv or heads
-        if hd is None and heads[0] == 0:
-            raise GGUFExportError(f"{path.name}: layer 0 has 0 heads and no key_length, which makes head_dim 0")
-        for i in range(n_layer):
-            if ffn[i] == 0:
-                raise GGUFExportError(f"{path.name}: layer {i} has feed_forward_length 0 (drops or aborts the layer)")
-            if kv[i] and heads[i] % kv[i]:
-                raise GGUFExportError(f"{path.name}: layer {i} has {heads[i]} heads, not a multiple of {kv[i]} KV heads")
-    types = {t.name: t.type for t in tensors}
-    vocab = len(val("tokenizer.ggml.tokens", []) or [])
-    return {
-        "arch": arch,
-        "block_count": n_layer,
-        "head_count": heads,
-        "head_count_kv": kv,
-        "feed_forward_length": ffn,
-        "embedding_length": hidden,
-        "head_dim": int(hd) if hd is not None else (hidden // heads[0] if heads and heads[0] else None),
-        "vocab": vocab,
-        "types": types,
-    }
+    lp = spec.layer
+    if lp is None:
+        mod = {"embed": body.embed_tokens, "output_norm": body.norm, "output": model.get_output_embeddings()}[spec.part]
+        return mod.weight.detach()
+    path = MODULE_PATHS.get(spec.part) or _NORMS[spec.part]
+    w = body.layers[lp.index].get_submodule(path).weight.detach()
+    if spec.part in ("q", "k"):
+        heads = lp.n_head if spec.part == "q" else lp.n_head_kv
+        if lp.rope_pairs is not None:
+            w = unpermute_rope_pairs(w, heads, lp.rope_pairs)
+        w = permute_qk(w, heads)
+    return w

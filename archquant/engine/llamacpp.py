@@ -3,7 +3,9 @@
 ``LlamaCppRunner`` drives llama.cpp's C API through the binding's thin wrappers (model, context,
 batch), not the high-level ``Llama`` class: that class allocates an ``n_ctx x vocab`` score buffer
 and copies logits on every call, which would be timed along with llama.cpp. Before a file is loaded
-its metadata is checked (``check_gguf``) for the shapes that abort the process instead of raising.
+it is checked against the ``manifest.json`` of its folder when it has one (an export folder: a
+modified or truncated copy is refused by name, not served), then its metadata (``check_gguf``) for
+the shapes that abort the process instead of raising.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from archquant.utils.errors import UserError
+
+from archquant.engine.gguf_reader import check_gguf
+from archquant.utils.manifest import verify_file
 
 INSTALL_HINT = (
     "pip install llama-cpp-python==0.3.36  (PyPI has only the source: it compiles llama.cpp with cmake + a C++ "
@@ -23,7 +29,7 @@ INSTALL_HINT = (
 KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16 / GGML_TYPE_F32
 
 
-class LlamaCppMissingError(ImportError):
+class LlamaCppMissingError(UserError, ImportError):
     """``llama-cpp-python`` is not installed."""
 
 
@@ -69,6 +75,11 @@ class LlamaCppRunner:
         kv_type: ``f16`` (llama.cpp's default) or ``f32`` (for bit-level comparisons with torch).
         flash_attn: llama.cpp's fused attention (off: the binding's default).
         check: validate the file's shapes before loading.
+        verify: when the file's folder has a ``manifest.json``, check the file against it before loading.
+
+    Raises:
+        ManifestError: the file differs from its folder's manifest (modified, truncated or not listed).
+        GGUFShapeError: a shape that would abort llama.cpp (``check``).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class LlamaCppRunner:
         kv_type: str = "f16",
         flash_attn: bool = False,
         check: bool = True,
+        verify: bool = True,
     ) -> None:
         llama_cpp = require_llama_cpp()
         from llama_cpp import _internals as internals
@@ -90,12 +102,9 @@ class LlamaCppRunner:
             raise FileNotFoundError(f"GGUF {self.path} does not exist (export one with archquant-export format=gguf)")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
-        if check:
-            from archquant.engine.gguf_writer import check_gguf
-
-            self.info = check_gguf(self.path)
-        else:
-            self.info = {}
+        if verify:
+            verify_file(self.path)
+        self.info = check_gguf(self.path) if check else {}
         self._llama_cpp = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         self._model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
@@ -276,6 +285,9 @@ def generate(
 
     Returns:
         The generated text (without the prompt).
+
+    Raises:
+        ManifestError: the file differs from the ``manifest.json`` of its folder (see ``LlamaCppRunner``).
     """
     with LlamaCppRunner(gguf_path, n_ctx=n_ctx, n_threads=n_threads) as runner:
         text = prompt

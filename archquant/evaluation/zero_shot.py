@@ -23,6 +23,7 @@ from archquant.data.files import resolve_data_path
 from archquant.evaluation.config import ALL_TASKS
 from archquant.evaluation.loglik import loglikelihood
 from archquant.evaluation.tasks import TASK_SPECS, MCExample, build_examples
+from archquant.utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,17 @@ def aggregate(task: str, scores: Sequence[ExampleScore]) -> dict:
     return res
 
 
+class TaskError(UserError, ValueError):
+    """A task name the suite does not know."""
+
+
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     """Validate task names (fail fast, before any model time)."""
     if isinstance(tasks, str):
         tasks = [tasks]
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
-        raise ValueError(f"eval.tasks has unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
+        raise TaskError(f"eval.tasks has unknown task(s) {unknown}; known: {list(ALL_TASKS)}")
     return list(tasks)
 
 

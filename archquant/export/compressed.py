@@ -38,11 +38,12 @@ from torch import nn
 from archquant.core.layout import ModelLayout, model_layout
 from archquant.core.linears import MODULE_PATHS
 from archquant.quant.reference import dequantize_weight, quantize_weight
+from archquant.utils.errors import UserError
 
 CT_DIRNAME = "compressed-tensors"
 
 
-class NotUniformError(ValueError):
+class NotUniformError(UserError, ValueError):
     """The subnet's shape cannot be described by a plain Llama config."""
 
 

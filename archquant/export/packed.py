@@ -37,10 +37,11 @@ from torch import nn
 
 from archquant.backends import BackendError
 from archquant.core.layout import model_layout
-from archquant.export.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from archquant.export.remote_code.render import modeling_source
 from archquant.kernels.qlinear import QuantLinear, _resolve_backend
 from archquant.kernels.swap import linear_module_names, to_runtime
+from archquant.utils.errors import UserError
+from archquant.utils.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
 EXPORT_FORMAT_VERSION = 1
 RECORD_NAME = "archquant.json"
@@ -51,7 +52,7 @@ REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, MANIFEST_NAME)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError, ValueError):
     """An export folder that is incomplete, from a newer format version, or not an archquant export."""
 
 

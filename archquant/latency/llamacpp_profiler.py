@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from archquant.quant import gguf as quant
+from archquant.engine.gguf_writer import ExportPlan, KeyValue, LayerPlan, TensorSpec, linear_shapes, write_gguf
 from archquant.engine.llamacpp import LlamaCppRunner, llama_cpp_version, require_llama_cpp
 
 STATISTIC = "median over sessions of the session minimum"
@@ -99,16 +100,23 @@ class SubnetShape:
 
     def linears(self, i: int) -> list[tuple[str, int, int, str]]:
         """``(name, K, N, type)`` of block ``i``'s seven linears."""
-        h, hd, m = self.hidden, self.head_dim, self.mlp[i]
-        q, kv = self.heads[i] * hd, self.kv_heads[i] * hd
-        kn = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, m), "up": (h, m), "down": (m, h)}
-        return [(lin, k, n, self.types[i][lin]) for lin, (k, n) in kn.items()]
+        shapes = linear_shapes(self.hidden, self.head_dim, self.heads[i], self.kv_heads[i], self.mlp[i])
+        return [(lin, k, n, self.types[i][lin]) for lin, (n, k) in shapes.items()]
+
+    def plan(self, *, rope_theta: float = 10000.0, rms_eps: float = 1e-5, context_length: int = 8192) -> ExportPlan:
+        """The GGUF (arch ``deci``) of this shape; the lm_head is tied to the embedding when their types agree."""
+        layers = [LayerPlan(i, i, self.heads[i], self.kv_heads[i], self.mlp[i], dict(self.types[i]))
+                  for i in range(self.num_layers)]
+        return ExportPlan(arch="deci", hidden=self.hidden, head_dim=self.head_dim, vocab=self.vocab,
+                          context_length=context_length, rope_theta=rope_theta, rms_eps=rms_eps,
+                          num_source_layers=self.num_layers, layers=layers, embd_type=self.embd_type,
+                          output_type=None if self.lm_type == self.embd_type else self.lm_type)
 
 
 # ---- synthetic GGUF -----------------------------------------------------------------------------
 
 
-def synthetic_tokenizer_kv(vocab: int) -> list[tuple[str, Any, Any, Any]]:
+def synthetic_tokenizer_kv(vocab: int) -> list[KeyValue]:
     """A placeholder GPT-2-style vocabulary of ``vocab`` distinct tokens (the profiler feeds ids directly)."""
     from gguf import GGUFValueType as V
 
@@ -149,55 +157,16 @@ def random_tensor(rows: int, cols: int, qtype: str, rng: np.random.Generator) ->
 
 def write_synthetic_gguf(shape: SubnetShape, path: str | Path, *, seed: int = 0, rope_theta: float = 10000.0,
                          rms_eps: float = 1e-5, context_length: int = 8192) -> Path:
-    """A runnable GGUF (arch ``deci``) with random weights at exactly ``shape``'s shapes and types."""
-    import logging
-
-    from gguf import GGUFWriter
-
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # one INFO line per file otherwise
+    """A runnable GGUF (arch ``deci``) with random weights at exactly ``shape``'s shapes and types (norms are 1)."""
     rng = np.random.default_rng(seed)
-    path = Path(path)
-    w = GGUFWriter(str(path), "deci")
-    w.add_name("archquant-latency-probe")
-    w.add_context_length(context_length)
-    w.add_embedding_length(shape.hidden)
-    w.add_block_count(shape.num_layers)
-    w.add_vocab_size(shape.vocab)
-    w.add_feed_forward_length(list(shape.mlp))
-    w.add_head_count(list(shape.heads))
-    w.add_head_count_kv(list(shape.kv_heads))
-    w.add_key_length(shape.head_dim)
-    w.add_value_length(shape.head_dim)
-    w.add_rope_dimension_count(shape.head_dim)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(rms_eps)
-    for key, val, vtype, sub in synthetic_tokenizer_kv(shape.vocab):
-        w.add_key_value(key, val, vtype, sub_type=sub)
-    ones = np.ones(shape.hidden, dtype=np.float32)
 
-    def add(name, arr_raw):
-        arr, raw = arr_raw
-        if raw is None:
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, arr, raw_dtype=raw)
+    def tensor(spec: TensorSpec) -> tuple[np.ndarray, Any]:
+        if len(spec.shape) == 1:
+            return np.ones(spec.shape, dtype=np.float32), None
+        return random_tensor(*spec.shape, spec.type, rng)
 
-    add("token_embd.weight", random_tensor(shape.vocab, shape.hidden, shape.embd_type, rng))
-    add("output_norm.weight", (ones, None))
-    if shape.lm_type != shape.embd_type:
-        add("output.weight", random_tensor(shape.vocab, shape.hidden, shape.lm_type, rng))
-    suffix = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
-              "down": "ffn_down"}
-    for i in range(shape.num_layers):
-        add(f"blk.{i}.attn_norm.weight", (ones, None))
-        add(f"blk.{i}.ffn_norm.weight", (ones, None))
-        for lin, k, n, qtype in shape.linears(i):
-            add(f"blk.{i}.{suffix[lin]}.weight", random_tensor(n, k, qtype, rng))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    plan = shape.plan(rope_theta=rope_theta, rms_eps=rms_eps, context_length=context_length)
+    return write_gguf(path, plan, synthetic_tokenizer_kv(shape.vocab), tensor, name="archquant-latency-probe")
 
 
 # ---- regression model ---------------------------------------------------------------------------

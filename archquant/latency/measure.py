@@ -8,6 +8,8 @@ Built in: ``torch``/``triton`` time the materialised model (``latency_tables.run
 
 from __future__ import annotations
 
+import logging
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -17,8 +19,11 @@ from typing import Any, Callable
 import torch
 
 from archquant.backends import get_backend
+from archquant.latency.interval import MedianInterval, median_interval
 from archquant.latency.scenario import Scenario
 from archquant.core.arch import Arch
+
+log = logging.getLogger(__name__)
 
 _METERS: dict[str, Callable[..., "LatencyMeasurement"]] = {}
 
@@ -26,15 +31,26 @@ _METERS: dict[str, Callable[..., "LatencyMeasurement"]] = {}
 @dataclass
 class LatencyMeasurement:
     """One end-to-end timing: ``ms`` per scenario forward (per token for decode), the statistic ``method`` names
-    (torch: median of ``samples``; llama.cpp: their minimum, the statistic its tables are fitted on)."""
+    (torch: median of ``samples``; llama.cpp: their minimum, the statistic its tables are fitted on).
+
+    Attributes:
+        ci_ms: where the figure is a median over timing rounds (``measure_interleaved``), the order-statistic
+            confidence interval ``(lo, hi)`` of that median (``latency.interval.median_interval``); None
+            for a single timing, whose spread is unknown.
+        ci_level: the interval's exact coverage (below the confidence asked for when the rounds were too few).
+    """
 
     ms: float
     method: str
     samples: list[float] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    ci_ms: tuple[float, float] | None = None
+    ci_level: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ms": self.ms, "method": self.method, "samples": self.samples, **self.details}
+        return {"ms": self.ms, "method": self.method, "samples": self.samples,
+                "ci_ms": None if self.ci_ms is None else [float(x) for x in self.ci_ms], "ci_level": self.ci_level,
+                **self.details}
 
 
 def register_latency_meter(backend_name: str):
@@ -158,16 +174,47 @@ def prepare_timer(model_fn: Callable[[], Any], latency_cfg, workdir: str | Path,
     return lambda: measure_latency(model_fn(), latency_cfg, **context)
 
 
-def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: bool = False) -> dict[str, LatencyMeasurement]:
-    """Time several models in ``rounds`` rounds, each timing every model once in a rotated order.
+def measure_interleaved(
+    timers: dict[str, Timer],
+    rounds: int = 3,
+    progress: bool = False,
+    *,
+    max_rounds: int | None = None,
+    ci: float = 0.03,
+    confidence: float = 0.95,
+) -> dict[str, LatencyMeasurement]:
+    """Time several models in rounds, each timing every model once in a rotated order, until every model's
+    median over rounds is known to within ``ci`` (or ``max_rounds`` is reached).
 
     A machine's speed drifts (here by up to 20% within an hour); timing model after model lets that drift
     reorder them. Interleaving spreads it over all of them: a model's figure is the median over rounds of
     its per-round statistic (for llama.cpp, a session's minimum, as its tables are fitted); ``samples``
-    holds the per-round values, ``details["round_samples"]`` each round's raw samples.
+    holds the per-round values, ``details["round_samples"]`` each round's raw samples. Three rounds were not
+    enough here (two points read 8.05 vs 9.92 ms in one run, 9.44 vs 9.42 in another), so every figure
+    carries its interval (``ci_ms``, ``latency.interval.median_interval``) and rounds continue while any
+    model's interval is not yet within ``±ci`` of its median at ``confidence``: each extra round again times
+    every model, so they stay interleaved. At 95% that takes at least 6 rounds (with fewer, no order-statistic
+    interval reaches 95%), and ``max_rounds`` bounds the cost on a noisy machine; ``details`` records
+    whether each model's interval ``settled``.
+
+    Args:
+        timers: name -> no-argument callable timing one model (``prepare_timer``).
+        rounds: the minimum number of rounds (``pareto.timing_rounds``).
+        max_rounds: the cap (``pareto.timing_max_rounds``); None = ``rounds`` (a fixed number of rounds).
+        ci: the target relative half-width (``pareto.timing_ci``): 0.03 = the interval lies within ±3% of the
+            median (its larger side counts).
+        confidence: the interval's coverage (``pareto.timing_confidence``).
+        progress: a progress bar.
     """
+    max_rounds = rounds if max_rounds is None else max_rounds
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds} (pareto.timing_rounds)")
+    if max_rounds < rounds:
+        raise ValueError(f"max_rounds ({max_rounds}) must be >= rounds ({rounds}) (pareto.timing_max_rounds)")
+    if not (ci > 0 and math.isfinite(ci)):
+        raise ValueError(f"ci must be > 0 and finite, got {ci} (pareto.timing_ci)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence} (pareto.timing_confidence)")
     names = list(timers)
     per: dict[str, list[LatencyMeasurement]] = {n: [] for n in names}
     bar = None
@@ -175,21 +222,63 @@ def measure_interleaved(timers: dict[str, Timer], rounds: int = 3, progress: boo
         from tqdm import tqdm
 
         bar = tqdm(total=rounds * len(names), desc="timing (interleaved)", unit="run")
-    for r in range(rounds):
+    done = 0
+    while True:
         for j in range(len(names)):
-            name = names[(j + r) % len(names)]
+            name = names[(j + done) % len(names)]
             per[name].append(timers[name]())
             if bar is not None:
                 bar.update()
+        done += 1
+        if done >= max_rounds:
+            break
+        if done >= rounds:
+            wide = _unsettled(per, ci, confidence)
+            if not wide:
+                break
+            log.info("timing round %d of at most %d: %s", done + 1, max_rounds, "; ".join(wide[:3]))
+            if bar is not None:
+                bar.total += len(names)
+                bar.refresh()
     if bar is not None:
         bar.close()
     out = {}
     for name, ms in per.items():
+        values = [m.ms for m in ms]
+        iv = median_interval(values, confidence)
         raw = [x for m in ms for x in m.samples]
-        details = {**ms[0].details, "rounds": rounds, "round_samples": [m.samples for m in ms]}
+        details = {**ms[0].details, "rounds": done, "round_samples": [m.samples for m in ms]}
         if raw:
             details["median_ms"] = float(statistics.median(raw))
-        method = ms[0].method if rounds == 1 else f"median over {rounds} interleaved rounds of: {ms[0].method}"
-        out[name] = LatencyMeasurement(ms=float(statistics.median([m.ms for m in ms])), method=method,
-                                       samples=[m.ms for m in ms], details=details)
+        details["ci_target"] = ci
+        details["ci_confidence"] = confidence
+        details["settled"] = _settled(iv, ci)
+        method = ms[0].method if done == 1 else f"median over {done} interleaved rounds of: {ms[0].method}"
+        if iv is not None:
+            method += f"; {iv.level:.1%} order-statistic interval"
+        out[name] = LatencyMeasurement(
+            ms=float(statistics.median(values)), method=method, samples=values, details=details,
+            ci_ms=None if iv is None else (iv.lo, iv.hi), ci_level=None if iv is None else iv.level,
+        )
     return out
+
+
+def _settled(iv: MedianInterval | None, ci: float) -> bool:
+    """The interval exists, has the confidence asked for and lies within ``±ci`` of the median."""
+    return iv is not None and iv.reached and iv.rel_halfwidth <= ci
+
+
+def _unsettled(per: dict[str, list[LatencyMeasurement]], ci: float, confidence: float) -> list[str]:
+    """Why another round is needed: one line per model whose interval has not settled, widest first (empty
+    when every interval has)."""
+    wide = []
+    for name, ms in per.items():
+        iv = median_interval([m.ms for m in ms], confidence)
+        if _settled(iv, ci):
+            continue
+        if iv is None or not iv.reached:
+            level = "no interval" if iv is None else f"{iv.level:.1%} < {confidence:.0%} coverage"
+            wide.append((math.inf, f"{name}: {level} after {len(ms)} rounds"))
+        else:
+            wide.append((iv.rel_halfwidth, f"{name}: ±{iv.rel_halfwidth:.1%} > ±{ci:.1%}"))
+    return [why for _, why in sorted(wide, key=lambda w: -w[0])]

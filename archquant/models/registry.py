@@ -16,12 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_checkpoint
 from archquant.models.tiny import tiny_llama
 from archquant.models.tokenizers import byte_tokenizer
+from archquant.utils.errors import UserError
 
 TINY_NAME = "tiny-llama"
 MODEL_NAMES = (EMBEDDED_NAME, TINY_NAME)
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError, ValueError):
     """A model name that is neither registered, a local path, nor a hub id that could be fetched."""
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from archquant.utils.errors import UserError
 
 BLOCK = 32  # QK8_0 = QK4_0 = QK4_1 = 32 in ggml
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
@@ -35,7 +36,7 @@ TYPE_SIZES = {"F32": (1, 4), "F16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18), 
 ACT_TYPE = {"F32": "F32", "F16": "F16", "Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q4_1": "Q8_1"}
 
 
-class GGUFTypeError(ValueError):
+class GGUFTypeError(UserError, ValueError):
     """A GGUF type this simulation does not cover, or a row length the type's block does not divide."""
 
 

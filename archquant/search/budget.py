@@ -10,9 +10,10 @@ import torch
 
 from archquant.core.arch import Arch
 from archquant.core.space import Space
+from archquant.utils.errors import UserError
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """A budget the space cannot meet, or one that does not constrain it at all."""
 
 

@@ -27,7 +27,7 @@ class BudgetConfig:
 
 @dataclass
 class SearchConfig:
-    """The differentiable search (DESIGN section 5-6).
+    """The differentiable search: KD + budget penalties on Gumbel-Softmax gates, with the entropy pruner.
 
     Attributes:
         steps: maximum optimisation steps.
@@ -140,9 +140,19 @@ class ParetoConfig:
         uniform_bits: also add the full-width model with every linear and the lm_head at each of these
             weight bits (e.g. ``[8, 4]``: what plain uniform quantisation gives) as reference points.
         measure: time every point in the serving backend (else the predicted latency is used, and said).
-        timing_rounds: the points are timed together, in this many rounds that each time every point once
-            (rotated order), and a point's latency is the median over rounds: the machine's drift then hits
-            every point alike instead of reordering them (1: one timing per point).
+        timing_rounds: the points are timed together, in at least this many rounds that each time every point
+            once (rotated order), and a point's latency is the median over rounds: the machine's drift then
+            hits every point alike instead of reordering them.
+        timing_max_rounds: rounds continue, up to this many, while any point's interval is wider than
+            ``timing_ci`` (or has not yet reached ``timing_confidence``); each extra round times every point
+            again. ``timing_max_rounds = timing_rounds`` times a fixed number of rounds (1: one timing per
+            point, no interval).
+        timing_ci: the target relative half-width of a point's latency interval: 0.03 = the interval (a
+            distribution-free order-statistic interval of the median over rounds) lies within ±3% of the
+            median. ``pareto.json`` records each point's interval (``latency_ci_ms``), whether or not the
+            target was reached within ``timing_max_rounds`` (``extra.measurement.settled``).
+        timing_confidence: the interval's coverage; 0.95 needs at least 6 rounds (with fewer, the interval is
+            ``[min, max]``, of lower coverage, and recorded as such).
         zero_shot: also run the ``eval`` group's zero-shot tasks on every point (slow on CPU).
         output: where ``pareto.json`` goes (``pareto.png`` beside it), relative to the run folder.
     """
@@ -153,12 +163,22 @@ class ParetoConfig:
     uniform_bits: list[int] = field(default_factory=list)
     measure: bool = True
     timing_rounds: int = 3
+    timing_max_rounds: int = 15
+    timing_ci: float = 0.03
+    timing_confidence: float = 0.95
     zero_shot: bool = False
     output: str = "pareto.json"
 
     def __post_init__(self) -> None:
         if self.timing_rounds < 1:
             raise ValueError(f"pareto.timing_rounds must be >= 1, got {self.timing_rounds}")
+        if self.timing_max_rounds < self.timing_rounds:
+            raise ValueError(f"pareto.timing_max_rounds ({self.timing_max_rounds}) must be >= "
+                             f"pareto.timing_rounds ({self.timing_rounds})")
+        if not (self.timing_ci > 0 and math.isfinite(self.timing_ci)):
+            raise ValueError(f"pareto.timing_ci must be > 0 and finite (a relative half-width), got {self.timing_ci}")
+        if not 0 < self.timing_confidence < 1:
+            raise ValueError(f"pareto.timing_confidence must be in (0, 1), got {self.timing_confidence}")
 
 
 @dataclass

@@ -18,13 +18,14 @@ from archquant.search.teacher import TeacherTargets
 from archquant.core.arch import Arch
 from archquant.supernet.linear import ElasticLinear
 from archquant.training.loop import FabricLoop
+from archquant.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SEARCH_RECORD_VERSION = 1
 
 
-class SearchSetupError(ValueError):
+class SearchSetupError(UserError, ValueError):
     """Settings the search cannot run with (batch vs processes, too few calibration blocks)."""
 
 
@@ -59,7 +60,7 @@ def add_width_prior(gates, strength: float) -> None:
 
 
 class ArchSearch(FabricLoop):
-    """The differentiable search of DESIGN sections 5-6 as a ``FabricLoop``.
+    """The differentiable search (KD + budget penalties, entropy pruner) as a ``FabricLoop``.
 
     Per step: sample gate probabilities (Gumbel-Softmax at the annealed tau, noise seeded by the step),
     run ONE vectorised supernet forward on a calibration batch, KD against the cached teacher targets,

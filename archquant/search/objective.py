@@ -1,4 +1,4 @@
-"""The search objective (DESIGN section 5): KD to the teacher + squared-hinge latency and memory penalties."""
+"""The search objective: KD to the teacher + squared-hinge latency and memory penalties."""
 
 from __future__ import annotations
 

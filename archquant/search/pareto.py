@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archquant.utils.io import atomic_write_json
 
-PARETO_VERSION = 1
+if TYPE_CHECKING:
+    from archquant.latency.measure import LatencyMeasurement
+
+# 2: points carry ``latency_ci_ms`` / ``latency_ci_level`` (version-1 files read as points without them)
+PARETO_VERSION = 2
+
+# what a point's latency measurement sets: copied together to a twin (the same architecture timed once)
+MEASURED_FIELDS = ("measured_ms", "measured_by", "latency_ci_ms", "latency_ci_level")
 
 
 @dataclass
@@ -25,6 +33,10 @@ class ParetoPoint:
         predicted_ms, predicted_mb: the latency model's predictions.
         measured_ms: latency measured in the serving backend (None if not measured).
         measured_by: how ``measured_ms`` was taken.
+        latency_ci_ms: ``[lo, hi]``, the confidence interval of ``measured_ms`` (a median over timing rounds;
+            ``latency.interval.median_interval``); None when not measured or timed once. The pick treats
+            two points whose intervals overlap as indistinguishable in latency.
+        latency_ci_level: that interval's exact coverage (e.g. 0.96875 for 6 rounds at 95% asked).
         memory_mb: weight memory (MB = 1e6 bytes; predicted, or the file size where measured).
         ppl: held-out perplexity (lower is better).
         val_kd: KD to the teacher on held-out calibration blocks (from the search).
@@ -41,6 +53,8 @@ class ParetoPoint:
     predicted_mb: float | None = None
     measured_ms: float | None = None
     measured_by: str | None = None
+    latency_ci_ms: list[float] | None = None
+    latency_ci_level: float | None = None
     memory_mb: float | None = None
     ppl: float | None = None
     val_kd: float | None = None
@@ -49,10 +63,24 @@ class ParetoPoint:
     run_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.latency_ci_ms is not None:
+            lo, hi = (float(x) for x in self.latency_ci_ms)  # a JSON list or a measurement's tuple
+            if not lo <= hi:
+                raise ValueError(f"{self.name}: latency_ci_ms must be [lo, hi] with lo <= hi, got {self.latency_ci_ms}")
+            self.latency_ci_ms = [lo, hi]
+
     @property
     def latency_ms(self) -> float | None:
         """Measured latency where there is one, else the prediction."""
         return self.measured_ms if self.measured_ms is not None else self.predicted_ms
+
+    @property
+    def latency_interval(self) -> tuple[float, float] | None:
+        """``(lo, hi)`` of the measured latency; None for a prediction or a single timing (no known spread)."""
+        if self.measured_ms is None or self.latency_ci_ms is None:
+            return None
+        return self.latency_ci_ms[0], self.latency_ci_ms[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +89,19 @@ class ParetoPoint:
     def from_dict(cls, d: dict[str, Any]) -> ParetoPoint:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def with_measurement(point: ParetoPoint, m: LatencyMeasurement) -> ParetoPoint:
+    """``point`` with its measured latency: the median, how it was taken, its interval and the full record
+    (``extra["measurement"]``: per-round samples, rounds, whether the interval settled)."""
+    return dataclasses.replace(
+        point,
+        measured_ms=m.ms,
+        measured_by=m.method,
+        latency_ci_ms=None if m.ci_ms is None else [float(x) for x in m.ci_ms],
+        latency_ci_level=m.ci_level,
+        extra={**point.extra, "measurement": m.to_dict()},
+    )
 
 
 def point_from_run(run_dir: str | Path) -> ParetoPoint:
@@ -146,7 +187,9 @@ def non_dominated(points: list[ParetoPoint], metric: str = "ppl") -> list[Pareto
     """The points no other point beats on both latency and quality (ties in both kept once each).
 
     A point is dominated when another is no slower and no worse, and strictly better in one of the two.
-    Points without a latency or a metric value are left out. Sorted by latency.
+    Points without a latency or a metric value are left out. Sorted by latency. Latency here is the median
+    (or the prediction): a dropped point is no better in quality and not measurably faster than the point
+    dominating it, whatever their intervals; the intervals matter to the pick (``pick_point``).
     """
     valid = [p for p in points if p.latency_ms is not None and metric_of(p, metric) is not None]
     valid = [p for p in valid if math.isfinite(p.latency_ms) and math.isfinite(metric_of(p, metric))]
@@ -191,7 +234,8 @@ def save_front(
 def plot_front(
     path: str | Path, points: list[ParetoPoint], front: list[ParetoPoint], *, metric: str, latency: dict, device: str
 ) -> None:
-    """``pareto.png``: every point, the front as a step line, axes with units, device and scenario in the title."""
+    """``pareto.png``: every point, the front as a step line, measured latencies with their intervals as
+    horizontal error bars, axes with units, device and scenario in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,6 +254,16 @@ def plot_front(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [p for p in points if p.latency_ms is not None and y(p) is not None]
     ax.scatter([p.latency_ms for p in pts], [y(p) for p in pts], c="0.6", label="all points", zorder=2)
+    timed = [p for p in pts if p.latency_interval is not None]
+    if timed:  # a point's latency is a median over rounds; the bar is its interval (measure_interleaved)
+        levels = sorted({round(p.latency_ci_level, 3) for p in timed if p.latency_ci_level is not None})
+        label = "latency interval" + (f" ({', '.join(f'{lv:.1%}' for lv in levels)})" if levels else "")
+        ax.errorbar(
+            [p.latency_ms for p in timed], [y(p) for p in timed],
+            xerr=[[p.latency_ms - p.latency_interval[0] for p in timed],
+                  [p.latency_interval[1] - p.latency_ms for p in timed]],
+            fmt="none", ecolor="0.4", elinewidth=1, capsize=3, label=label, zorder=1,
+        )
     if front:
         ax.step([p.latency_ms for p in front], [y(p) for p in front], where="post", c="C0", zorder=3)
         ax.scatter([p.latency_ms for p in front], [y(p) for p in front], c="C0", label="Pareto front", zorder=4)

@@ -1,4 +1,4 @@
-"""The entropy-based pruner (DESIGN section 6): fix gates whose distribution has collapsed."""
+"""The entropy-based pruner: fix gates whose distribution has collapsed (README, Design notes: search dynamics)."""
 
 from __future__ import annotations
 

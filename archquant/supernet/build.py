@@ -83,7 +83,7 @@ def build(
 
     Args:
         model: a Hugging Face Llama-family causal LM (``LlamaForCausalLM`` and kin), fp32 for exactness.
-        space_cfg: search-space fractions (default: DESIGN section 2).
+        space_cfg: search-space fractions (default: ``SpaceConfig()``, the space of ``configs/space/default.yaml``).
         backend: engine name or object; its quantisers are simulated and it may restrict the space.
         calib_ids: calibration token ids ``[N, S]``; with them, units are importance-sorted and the
             depth logits initialised from block importance. Without them the original order is kept.

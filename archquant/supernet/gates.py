@@ -13,9 +13,10 @@ import math
 
 import torch
 from torch import nn
+from archquant.utils.errors import UserError
 
 
-class GateError(ValueError):
+class GateError(UserError, ValueError):
     """A gate name, index or probability vector that does not fit the space."""
 
 

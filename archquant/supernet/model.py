@@ -3,7 +3,7 @@
 ``Supernet`` owns a compact Llama forward over shared (importance-permuted) weights. A probability
 vector per gate (``sample_probs``/``probs``, or one-hot from an ``Arch``) drives the forward:
 cumulative width masks, mixed quantised weights, depth as ``h + pi_keep f(h)`` and RMSNorm over the
-expected hidden width (DESIGN section 3). Fixing a gate (entropy pruner, ``set_arch``) slices the
+expected hidden width (``norm.py``). Fixing a gate (entropy pruner, ``set_arch``) slices the
 weights to the chosen width and keeps only the chosen quantiser, so later steps get cheaper.
 
 A gate whose vector is an exact one-hot without gradient (``probs=None``, ``arch_probs``) is run on

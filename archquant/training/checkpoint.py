@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from archquant.utils.io import atomic_write_bytes
+from archquant.utils.errors import UserError
 
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserError, ValueError):
     """A resume folder whose checkpoint was written under a different config."""
 
 

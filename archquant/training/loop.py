@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from archquant.training.checkpoint import CheckpointManager
+from archquant.utils.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
 
 

@@ -1,1 +1,1 @@
-"""Small shared helpers (atomic file writes, device/version info)."""
+"""Small shared helpers (atomic file writes, device/version info, folder manifests)."""

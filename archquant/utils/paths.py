@@ -1,4 +1,4 @@
-"""Where archquant keeps its caches and where it looks for the shared benchmark data."""
+"""Where archquant keeps its caches and where it looks for the benchmark data (shared or from the Hub)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def default_data_root() -> Path:
         if candidate.is_dir():
             return candidate
     return repo.parent / "shared" / "data"
+
+
+def hub_data_root() -> Path:
+    """Where ``data.source=hub`` keeps the files it wrote from the Hub: ``$ARCHQUANT_CACHE/hub_data``.
+
+    Not the shared data folder: that one is read-only input, and a hub file (a seeded sample, for
+    instance) is not byte-for-byte the shared file of the same name.
+    """
+    return cache_dir() / "hub_data"

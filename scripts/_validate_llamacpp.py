@@ -2,8 +2,8 @@
 
 Each subnet is cut from the supernet (``materialize``), exported with ``export_gguf`` (real
 quantised weights) and timed in llama.cpp with the same runner and statistic the profiler used; the
-prediction is ``LatencyModel.predict_ms`` over the committed table. ``scripts/bench_latency_model.py
---backend llamacpp`` calls ``validate_llamacpp`` and writes the result.
+prediction is ``LatencyModel.predict_ms`` over the committed table. A helper of
+``bench_latency_model.py --backend llamacpp`` (imported from this folder), which writes the result.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def validate_llamacpp(
         model_name: registry name, path or hub id of the base model.
         n: number of random subnets (depth uniform in 1..L, other gates uniform).
         scenarios: which tables to check (``decode`` at ``latency.context``, ``prefill`` at ``latency.prefill_len``).
-        space_cfg: ``SpaceConfig`` (default: DESIGN's space), restricted by the llama.cpp backend.
+        space_cfg: ``SpaceConfig`` (default: ``SpaceConfig()``, the README's default space), restricted by the
+            llama.cpp backend.
         latency_cfg: ``LatencyConfig`` giving context / prefill length / strictness (default values otherwise).
         tables: scenario -> table path overriding the committed table lookup.
         seed: subnet sampling seed (the profiler uses 0: these subnets are not the ones it fitted on).

@@ -1,4 +1,9 @@
-"""``manifest.json``: the sha256 and size of every file of an export folder, checked before loading."""
+"""``manifest.json``: the sha256 and size of every file of a folder (an export), checked before loading.
+
+Loaders check a folder as a whole (``verify_manifest``); an engine that opens one file of such a folder
+on its own (llama.cpp serving ``model.gguf``) checks just that file (``verify_file``), so a modified
+or truncated copy is refused with its name instead of being served or crashing the engine.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from archquant.utils.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """An export folder whose files do not match its manifest (tampered, truncated or incomplete)."""
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (model files do not fit comfortably in memory twice)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -47,6 +55,7 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of ``folder``; refuses a missing, unparsable or newer-version one."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.exists():
@@ -96,3 +105,22 @@ def verify_manifest(folder: str | Path, *, only: list[str] | None = None) -> dic
             "or copied incompletely. Re-copy the folder or re-run archquant-export."
         )
     return manifest
+
+
+def verify_file(path: str | Path) -> bool:
+    """Check one file against the ``manifest.json`` beside it, when there is one.
+
+    For a loader that opens a single file of a folder (a GGUF served by llama.cpp): a file whose
+    folder has a manifest must be listed there with the recorded size and sha256.
+
+    Returns:
+        True when the file was checked and matches; False when its folder has no manifest.
+
+    Raises:
+        ManifestError: naming the file when it is modified, truncated, missing or not listed.
+    """
+    path = Path(path)
+    if not (path.parent / MANIFEST_NAME).is_file():
+        return False
+    verify_manifest(path.parent, only=[path.name])
+    return True

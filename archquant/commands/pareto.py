@@ -1,0 +1,211 @@
+"""``archquant-pareto``: collect search runs (+ reference points, + the original), evaluate and time them
+together, keep the non-dominated set; writes ``pareto.json`` and ``pareto.png``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from archquant.commands.session import Session
+from archquant.core.arch import Arch
+from archquant.evaluation import EvalConfig, evaluate
+from archquant.latency.measure import measure_interleaved, prepare_timer
+from archquant.search.pareto import (
+    MEASURED_FIELDS,
+    ParetoPoint,
+    collect_runs,
+    load_points,
+    non_dominated,
+    plot_front,
+    resolve_metric,
+    save_front,
+    unique_names,
+    with_measurement,
+)
+from archquant.utils.env import device_name, run_header
+from archquant.utils.errors import MissingFileError, UserError
+from archquant.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _eval_key(cfg) -> dict[str, Any]:
+    """Settings a point's cached quality (``point.json``: perplexity, zero-shot) depends on; latency is not
+    cached (the points are timed together on every call)."""
+    return {
+        "backend": cfg.latency.backend,  # the quantiser the materialised model simulates
+        "ppl": [cfg.data.ppl_file, cfg.eval.ppl_seq_len, cfg.eval.ppl_max_windows],
+        "zero_shot": [cfg.pareto.zero_shot, list(cfg.eval.tasks), cfg.eval.limit],
+        "device": device_name(cfg.latency.device),
+        "cached": "quality",
+    }
+
+
+def point_model_fn(point: ParetoPoint, session: Session):
+    """A factory of the point's model (the original, or its architecture materialised), or ``None`` for a
+    baseline without an architecture (it keeps what its file says)."""
+    if point.source == "full":
+        return lambda: session.model.eval()
+    if point.arch is None:
+        return None
+    arch = Arch.from_dict(point.arch)
+    return lambda: session.materialize(arch)
+
+
+def point_eval_config(cfg) -> EvalConfig:
+    """What a point's quality is: perplexity always, the zero-shot suite when ``pareto.zero_shot``."""
+    tasks = list(cfg.eval.tasks) if cfg.pareto.zero_shot else []
+    return dataclasses.replace(cfg.eval, perplexity=True, tasks=tasks)
+
+
+def evaluate_point(point: ParetoPoint, cfg, session: Session, model_fn) -> ParetoPoint:
+    """A point's held-out perplexity and (optionally) zero-shot accuracy; ``model_fn()`` builds its model.
+
+    A search run folder caches these in ``point.json`` (reused when ``_eval_key`` matches; the model is then
+    not built). Latency is measured by ``pareto_job``, all points together.
+    """
+    key = _eval_key(cfg)
+    cache = Path(point.run_dir) / "point.json" if point.run_dir else None
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            log.info("%s: quality from %s", point.name, cache)
+            return dataclasses.replace(point, **saved["values"])
+    res = evaluate(model_fn(), session.tokenizer, point_eval_config(cfg), cfg.data, model_name=point.name)
+    quality: dict[str, Any] = {"ppl": float(res["perplexity"]["ppl"])}
+    if res["tasks"]:
+        quality.update(zero_shot=res["tasks"], accuracy=res["summary"]["mean_headline_acc"])
+    point = dataclasses.replace(point, **quality)
+    log.info(
+        "%s: ppl %.3f%s", point.name, point.ppl, "" if point.accuracy is None else f", accuracy {point.accuracy:.3f}"
+    )
+    if cache is not None:
+        atomic_write_json(cache, {"key": key, "values": quality})
+    return point
+
+
+def _check_same_workload(points: list[ParetoPoint], cfg) -> None:
+    want = {k: getattr(cfg.latency, k) for k in ("backend", "scenario", "batch", "context", "prefill_len")}
+    for p in points:
+        got = p.extra.get("latency") or {}
+        diff = {k: (got.get(k), v) for k, v in want.items() if k in got and got.get(k) != v}
+        if diff:
+            pretty = ", ".join(f"latency.{k}: run has {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise UserError(
+                f"{p.run_dir} was searched for another workload ({pretty}); a front compares one backend and "
+                "scenario: pass the same latency.* settings or leave that run out of pareto.runs"
+            )
+
+
+def uniform_points(session: Session, bits_list) -> list[ParetoPoint]:
+    """Reference points: the full-width model with every linear and the lm_head at ``b`` bits, per ``b``."""
+    out = []
+    for b in bits_list:
+        b = int(b)
+        if b not in session.space.wbits or b not in session.space.lm_head_bits:
+            raise UserError(
+                f"pareto.uniform_bits has {b}, which the space cannot express (space.wbits={list(session.space.wbits)}, "
+                f"lm_head bits {list(session.space.lm_head_bits)} after the {session.cfg.latency.backend} backend's rules)"
+            )
+        arch = Arch.full(session.space, bits=b)
+        ms, mb = session.latency_model.predict_ms(arch), session.latency_model.predict_mb(arch)
+        out.append(ParetoPoint(name=f"uniform-w{b}", source="uniform", arch=arch.to_dict(), predicted_ms=ms,
+                               predicted_mb=mb, memory_mb=mb))
+    return out
+
+
+def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
+    """Collect search runs (+ baselines, + the original model), evaluate them, keep the non-dominated set.
+
+    Writes ``pareto.json`` and ``pareto.png`` at ``<out_dir>/<pareto.output>``.
+
+    Returns:
+        ``(points, front)``.
+    """
+    if not cfg.pareto.runs and not cfg.pareto.baselines:
+        raise UserError(
+            "pareto.runs is empty: pass the search folders to collect, e.g. "
+            "archquant-pareto 'pareto.runs=[multirun/search/2026-01-01_12-00-00]'"
+        )
+    points = collect_runs(cfg.pareto.runs)
+    for path in cfg.pareto.baselines:  # a baseline's figures are its own: no twin link from the file it came from
+        points += [dataclasses.replace(p, source="baseline", extra={k: v for k, v in p.extra.items() if k != "same_arch_as"})
+                   for p in load_points(path)]
+    if not points:
+        raise MissingFileError(f"no completed search run (search.json + arch.json) under pareto.runs={list(cfg.pareto.runs)}")
+    _check_same_workload(points, cfg)
+    session = session or Session.load(cfg)
+    for p in points:
+        if p.arch is not None:
+            Arch.from_dict(p.arch).check(session.space)  # refuses runs made for another model
+    if cfg.pareto.include_full:
+        full = Arch.full(session.space)
+        points.append(
+            ParetoPoint(
+                name="full",
+                source="full",
+                predicted_ms=session.latency_model.predict_ms(full),
+                predicted_mb=session.latency_model.predict_mb(full),
+                memory_mb=session.latency_model.predict_mb(full),
+            )
+        )
+    points += uniform_points(session, cfg.pareto.uniform_bits)
+    unique_names(points)
+    t0 = time.perf_counter()
+    # one evaluation per distinct architecture: two budgets that found the same subnet must not get
+    # two different figures from noise; twins copy their source's
+    first_of: dict[str, int] = {}
+    twin_of: dict[int, int] = {}
+    timers: dict[str, Any] = {}
+    context = {"tokenizer": session.tokenizer, "source_gguf": session.gguf_source()}
+    with tempfile.TemporaryDirectory(prefix="archquant-pareto-") as workdir:
+        for i, p in enumerate(points):
+            key = json.dumps(p.arch, sort_keys=True) if p.arch is not None else None
+            if key is not None and key in first_of:
+                twin_of[i] = first_of[key]
+                continue
+            if key is not None:
+                first_of[key] = i
+            fn = point_model_fn(p, session)
+            if fn is None:
+                continue
+            built = functools.lru_cache(maxsize=1)(fn)  # evaluation and a llama.cpp export share one model
+            points[i] = evaluate_point(p, cfg, session, built)
+            if cfg.pareto.measure:
+                model = built() if built.cache_info().currsize else None
+                timers[p.name] = prepare_timer(fn, cfg.latency, Path(workdir) / f"{i:03d}", model=model, **context)
+            built.cache_clear()
+        if timers:
+            log.info("timing %d points in %d interleaved rounds (%s)", len(timers), cfg.pareto.timing_rounds,
+                     cfg.latency.backend)
+            pc = cfg.pareto
+            measured = measure_interleaved(timers, pc.timing_rounds, progress=cfg.eval.progress,
+                                           max_rounds=pc.timing_max_rounds, ci=pc.timing_ci,
+                                           confidence=pc.timing_confidence)
+            for i, p in enumerate(points):
+                m = measured.get(p.name)
+                if m is not None:
+                    points[i] = with_measurement(p, m)
+                    log.info("%s: latency %.3f ms (measured; interval %s)", p.name, m.ms, m.ci_ms)
+    for i, j in twin_of.items():
+        src = points[j]
+        fields = MEASURED_FIELDS + ("ppl", "accuracy", "zero_shot")
+        points[i] = dataclasses.replace(points[i], **{f: getattr(src, f) for f in fields},
+                                        extra={**points[i].extra, "same_arch_as": src.name})
+    metric = resolve_metric(points, "auto")
+    front = non_dominated(points, metric)
+    out = Path(cfg.out_dir) / cfg.pareto.output
+    latency = dataclasses.asdict(cfg.latency)
+    save_front(
+        out, points, front, metric=metric, latency=latency,
+        header=run_header(cfg.latency.device, eval_wall_s=round(time.perf_counter() - t0, 1)),
+    )
+    plot_front(out.with_suffix(".png"), points, front, metric=metric, latency=latency, device=device_name(cfg.latency.device))
+    log.info("Pareto front (%s): %s -> %s", metric, [p.name for p in front], out)
+    return points, front
