@@ -1,7 +1,7 @@
 """Validate the latency model: predicted vs measured end-to-end latency of materialised subnets.
 
 For each scenario (decode ms/token, prefill ms) it materialises the full model and N random subnets,
-runs them on the quantised-linear runtime (``latency_tables.runtime.to_runtime``: QuantLinear), and
+runs them on the quantised-linear runtime (``archquant.kernels.swap.to_runtime``: QuantLinear), and
 compares the measurement with the table's prediction: median and max relative error of the plain sum
 of ops, then of a fitted ``scale * sum + offset`` correction (in-sample and leave-one-out, the honest
 number). It also measures the decode speedup of all-8-bit and all-4-bit full-width models over fp32
@@ -29,8 +29,8 @@ from archquant.latency.table import LatencyTable
 from archquant.latency.config import LatencyConfig
 from archquant.latency.loader import roofline_params
 from archquant.latency.roofline import roofline_table, runtime_weight_bytes
-from archquant.latency.runtime import (busy_warning, linear_path_decisions, machine_load, runtime_name,
-                                              time_model_ms, to_runtime)
+from archquant.kernels.swap import to_runtime
+from archquant.latency.runtime import RUNTIME_NAME, busy_warning, linear_path_decisions, machine_load, time_model_ms
 from archquant.latency.signatures import arch_ops
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, SpaceConfig, build, materialize
@@ -134,7 +134,7 @@ def speedups(sn, space, args, log) -> dict:
     table = load_table_for(lat_cfg, space)
     base = Arch.full(space)
     t_base = measure(sn, base, scenario, args.repeats, args.steps)
-    out = {"fp32_measured_ms": t_base, "roofline_params": params.to_dict(), "runtime": runtime_name()}
+    out = {"fp32_measured_ms": t_base, "roofline_params": params.to_dict(), "runtime": RUNTIME_NAME}
     for bits in (8, 4):
         if bits not in space.wbits or bits not in space.lm_head_bits:
             continue
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"WARNING: {busy_warning()}")
     results = {"header": run_header("cpu", script="bench_latency_model", quick=args.quick, machine_load=machine_load()),
                "args": vars(args),
-               "goals": GOALS, "runtime": runtime_name(), "scenarios": {}}
+               "goals": GOALS, "runtime": RUNTIME_NAME, "scenarios": {}}
     for name in args.scenarios:
         results["scenarios"][name] = validate_scenario(sn, space, args, name, log)
     if not args.no_speedup:

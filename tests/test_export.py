@@ -110,10 +110,14 @@ def test_folder_holds_the_design_files_and_record(exported):
     assert int.from_bytes(head, "little") > 0  # a safetensors header, not a pickle
 
 
-def test_tampered_file_is_detected(exported, tmp_path):
-    _, _, _, path = exported
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+@pytest.fixture
+def copy(exported, tmp_path) -> Path:
+    """A copy of the exported folder, to damage."""
+    shutil.copytree(exported[3], tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_tampered_file_is_detected(copy):
     blob = bytearray((copy / "model.safetensors").read_bytes())
     blob[-1] ^= 0x01
     (copy / "model.safetensors").write_bytes(bytes(blob))
@@ -121,10 +125,7 @@ def test_tampered_file_is_detected(exported, tmp_path):
         load(copy)
 
 
-def test_missing_file_is_named(exported, tmp_path):
-    _, _, _, path = exported
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+def test_missing_file_is_named(copy):
     (copy / "model.safetensors").unlink()
     with pytest.raises(ExportFormatError, match="missing model.safetensors"):
         load(copy)
@@ -133,10 +134,7 @@ def test_missing_file_is_named(exported, tmp_path):
         load(copy)
 
 
-def test_newer_format_version_is_refused(exported, tmp_path):
-    _, _, _, path = exported
-    copy = tmp_path / "copy"
-    shutil.copytree(path, copy)
+def test_newer_format_version_is_refused(copy):
     cfg = json.loads((copy / "config.json").read_text())
     cfg["archquant_export"]["format_version"] = 99
     (copy / "config.json").write_text(json.dumps(cfg))
@@ -217,29 +215,38 @@ _REMOTE = textwrap.dedent(
     sys.meta_path.insert(0, _Block())
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(input_ids=torch.load(sys.argv[2])).logits
-    torch.save(logits, sys.argv[3])
+    ids = torch.load(sys.argv[1])
+    for folder, out in zip(sys.argv[2::2], sys.argv[3::2]):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits, out)
+    assert not [m for m in sys.modules if m.split(".")[0] == "archquant"], "archquant was imported"
     """
 )
 
 
-def test_trust_remote_code_loads_from_the_folder_alone(exported, tmp_path):
+def test_trust_remote_code_loads_from_the_folder_alone(exported, base, tmp_path):
+    """The generated model code runs in a process where archquant cannot be imported (hetero and tied exports)."""
     _, _, res, path = exported
-    folder = tmp_path / "moved"
-    shutil.copytree(path, folder)  # only the folder: no archquant, no source tree beside it
+    sn, tok = base
+    tied = tmp_path / "tied"
+    save(materialize(sn, _uniform_arch(sn)), _uniform_arch(sn), tied, tokenizer=tok, paths=("dense",))
+    folders = [tmp_path / "moved", tmp_path / "tied_moved"]
+    for src, dst in zip((path, tied), folders):
+        shutil.copytree(src, dst)  # only the folder: no archquant, no source tree beside it
     script = tmp_path / "remote.py"
     script.write_text(_REMOTE)
     ids = token_ids(2, 24, vocab=VOCAB)
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+    args = [str(a) for f in folders for a in (f, f.with_suffix(".pt"))]
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ids.pt"), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    remote = torch.load(tmp_path / "out.pt")
-    assert torch.equal(remote, _logits(load(path, paths=("dense",)), ids))
+    assert "MISSING" not in proc.stderr and "UNEXPECTED" not in proc.stderr, proc.stderr[-3000:]  # every key fits
+    for src, dst in zip((path, tied), folders):
+        assert torch.equal(torch.load(dst.with_suffix(".pt")), _logits(load(src, paths=("dense",)), ids)), src.name
 
 
 def test_generate_and_eval_accept_an_export_folder(exported):

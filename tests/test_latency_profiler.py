@@ -13,12 +13,12 @@ from archquant.commands.profile import profile
 from archquant.latency.build import _space_config_of, profile_table
 from archquant.latency.config import LatencyConfig
 from archquant.latency.roofline import RooflineParams, roofline_ms
-from archquant.latency.runtime import make_linear_runner, time_model_ms, to_runtime
+from archquant.kernels.swap import to_runtime
+from archquant.latency.runtime import time_model_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures, signature_key
 from archquant.models.config import ModelConfig
 from archquant.models.tiny import tiny_llama, tiny_llama_config
-from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.core.arch import Arch
 from archquant.core.space import SpaceConfig, resolve_space
 
@@ -33,19 +33,6 @@ def test_fit_overheads_recovers_a_line():
     assert over["per_layer"] == pytest.approx(0.3) and over["per_token"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="two or more depths"):
         prof.fit_overheads({30: 1.0}, 1.0, 1.0)
-
-
-@pytest.mark.parametrize("wbits,abits", [(16, 16), (8, 16), (4, 8)])
-def test_linear_runner_computes_the_reference(wbits, abits):
-    torch.manual_seed(0)
-    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 3, 64)
-    mod = make_linear_runner(w, b, wbits, abits, 32, "torch")
-    want = torch.nn.functional.linear(fake_quant_act(x, abits), fake_quant_weight(w, wbits, 32), b)
-    got = mod(x)
-    if getattr(mod, "path", "dense") == "dense":  # fp32 on the dequantised weight: the reference to rounding
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:  # a bf16-activation kernel: relative error ~2^-8 per product (QuantLinear's documented bound)
-        assert ((got - want).norm() / want.norm()) < 2**-6
 
 
 def test_runtime_swap_keeps_logits_and_decode_timer_runs():

@@ -1,4 +1,4 @@
-"""The materialised model: config record, Auto round trip, KV cache, plain-Llama export, QuantLinear."""
+"""The materialised model: config record, Auto round trip, KV cache, plain-Llama export, FakeQuantLinear."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from archquant.quant.reference import fake_quant_act, fake_quant_weight
-from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM, QuantLinear
+from archquant.models.fake_quant_linear import FakeQuantLinear
+from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
 from archquant.supernet import Arch, ArchError, build, materialize
 from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
 
@@ -131,9 +132,9 @@ def test_config_validation_names_the_field():
                         layer_intermediate_size=[64], head_dim=16)
 
 
-def test_quant_linear_matches_the_reference_and_caches():
+def test_fake_quant_linear_matches_the_reference_and_caches():
     torch.manual_seed(0)
-    lin = QuantLinear(64, 8, wbits=4, abits=8, group_size=32).eval()
+    lin = FakeQuantLinear(64, 8, wbits=4, abits=8, group_size=32).eval()
     x = torch.randn(3, 64)
     ref = F.linear(fake_quant_act(x, 8), fake_quant_weight(lin.weight, 4, 32))
     with torch.no_grad():
@@ -196,3 +197,19 @@ def test_saved_subnet_loads_by_path_in_a_fresh_interpreter(sn, hetero_arch, tmp_
     assert proc.stdout.strip() == "ArchQuantForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "out.pt"), m(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_importing_the_model_code_registers_nothing_until_asked():
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+        "import archquant.models.hetero\n"
+        "assert 'archquant' not in CONFIG_MAPPING, 'registered on import'\n"
+        "from archquant.models.auto import register_auto_classes\n"
+        "register_auto_classes(); register_auto_classes()  # idempotent\n"
+        "assert CONFIG_MAPPING['archquant'] is archquant.models.hetero.ArchQuantConfig\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

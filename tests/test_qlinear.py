@@ -76,6 +76,15 @@ def test_measured_selection_runs_a_correct_path_and_is_cached():
     assert {k[0] for k in ql._runtime} == {ql.path}
 
 
+def test_measurement_runs_outside_inference_mode_after_running_inside(monkeypatch):
+    monkeypatch.setattr(path_select, "_FLUSH", {})  # the cache-flush buffer is first made inside inference mode
+    w, b = _layer(n=64, k=128)
+    with torch.inference_mode():
+        QuantLinear.from_float(w, b, wbits=4)(torch.randn(1, 128))  # the profiler measures here
+    path_select.clear_path_cache()
+    assert QuantLinear.from_float(w, b, wbits=4)(torch.randn(1, 128)).shape == (1, 64)
+
+
 def test_selection_picks_the_fastest_measured_path_per_shape_class(monkeypatch):
     calls = []
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from archquant.backends import Backend, register_backend
 from archquant.quant.reference import fake_quant_act as ref_fake_quant_act
-from archquant.models.hetero import QuantLinear
+from archquant.models.fake_quant_linear import FakeQuantLinear
 from archquant.supernet import Arch, build, materialize
 from archquant.supernet.linear import ElasticLinear
 from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids
@@ -217,7 +217,7 @@ def test_materialised_layers_are_plain_modules_with_identical_output(sn3):
     x = torch.randn(2, 5, 96)
     blk, mblk = sn.layers[0], sub.model.layers[0]
     for name in ("q", "k", "v", "o", "gate", "up", "down"):
-        assert type(getattr(mblk.self_attn if name in "qkvo" else mblk.mlp, f"{name}_proj")) is QuantLinear
+        assert type(getattr(mblk.self_attn if name in "qkvo" else mblk.mlp, f"{name}_proj")) is FakeQuantLinear
     assert isinstance(mblk.mlp.up_proj, torch.nn.Linear)
     # MLP: elastic module at the one-hot arch vs the materialised module on the same input
     assert (blk.mlp(x, lp, 96) - mblk.mlp(x)).abs().max() <= TOL
@@ -225,7 +225,7 @@ def test_materialised_layers_are_plain_modules_with_identical_output(sn3):
     pos = torch.arange(5)[None]
     cos, sin = sn.rotary_emb(x, pos)
     assert (blk.self_attn(x, cos, sin, lp, 96) - mblk.self_attn(x, (cos, sin))[0]).abs().max() <= TOL
-    # single linears: elastic slice vs plain QuantLinear
+    # single linears: elastic slice vs plain FakeQuantLinear
     lin: ElasticLinear = blk.mlp.down_proj
     h = torch.randn(2, 5, 192)
     xs = {0: sn.backend.fake_quant_act(h, 8, 4)}

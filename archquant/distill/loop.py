@@ -1,6 +1,6 @@
 """``DistillLoop``: KD + QAT of a materialised subnet on the shared ``FabricLoop`` (the search's base).
 
-Per step: a batch of calibration blocks, the student's forward in training mode (its ``QuantLinear``
+Per step: a batch of calibration blocks, the student's forward in training mode (its ``FakeQuantLinear``
 layers fake-quantise weights and activations at the arch's bits with straight-through gradients), the
 logit KL to the teacher's cached top-k log-probabilities (``search.objective.kd_loss``, the search's
 own loss), optionally next-token CE and a hidden-state MSE through learned projections, then AdamW

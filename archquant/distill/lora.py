@@ -26,7 +26,7 @@ def _qat_lora_linear_cls():
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     class QATLoraLinear(LoraLinear):
-        """peft LoRA linear over a fake-quant ``QuantLinear`` that quantises ``W + s B A`` as one weight."""
+        """peft LoRA linear over a ``FakeQuantLinear`` that quantises ``W + s B A`` as one weight."""
 
         def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             base = self.get_base_layer()
@@ -64,7 +64,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> n
     """
     from peft import LoraConfig, get_peft_model
 
-    from archquant.models.hetero import QuantLinear as FakeQuantLinear
+    from archquant.models.fake_quant_linear import FakeQuantLinear
 
     check_rank(model, rank, targets)
     names = sorted({MODULE_PATHS[t].split(".")[-1] for t in targets})

@@ -5,7 +5,8 @@ Folder layout::
     config.json             ArchQuantConfig (per-layer dims, per-module bits) + ``auto_map`` + ``archquant_export``
     model.safetensors       QuantLinear packed states (``qweight`` int32, ``scales`` fp16, ``zeros`` uint8,
                             ``qmeta``; ``weight`` for 16-bit linears), embedding, norms. No pickle.
-    modeling_archquant.py   self-contained model code for ``from_pretrained(..., trust_remote_code=True)``
+    modeling_archquant.py   self-contained model code for ``from_pretrained(..., trust_remote_code=True)``,
+                            generated from ``archquant.models.hetero`` (``remote_code.render``)
     tokenizer files         whatever ``tokenizer.save_pretrained`` writes
     archquant.json          the search record: decisions, predicted/measured latency, metrics, versions
     compressed-tensors/     stock Llama checkpoint for vLLM (uniform subnets only)
@@ -13,10 +14,10 @@ Folder layout::
     manifest.json           sha256 + size of every file above, written last
 
 ``pack_model`` turns a materialised subnet (raw weights, fake-quant forward) into the in-memory packed
-model: every decoder linear and an untied lm_head become ``archquant.kernels.qlinear.QuantLinear``
-(quantised once by the reference quantiser), the embedding is rounded to ``float_dtype`` (its storage
-dtype) but kept in fp32 for compute. ``load`` rebuilds exactly that model from the folder, so the
-round trip is bit-exact.
+model: ``archquant.kernels.swap.to_runtime`` puts every decoder linear and an untied lm_head on
+``archquant.kernels.qlinear.QuantLinear`` (quantised once by the reference quantiser), and the embedding
+is rounded to ``float_dtype`` (its storage dtype) but kept in fp32 for compute. ``load`` rebuilds exactly
+that model from the folder, so the round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from archquant.backends import BackendError
 from archquant.core.layout import model_layout
-from archquant.core.linears import MODULE_PATHS
+from archquant.export.remote_code.render import modeling_source
+from archquant.kernels.qlinear import QuantLinear, _resolve_backend
+from archquant.kernels.swap import linear_module_names, to_runtime
 from archquant.utils.errors import UserError
 from archquant.utils.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
@@ -46,17 +50,10 @@ WEIGHTS_NAME = "model.safetensors"
 REMOTE_CODE_NAME = "modeling_archquant.py"
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, RECORD_NAME, MANIFEST_NAME)
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_REMOTE_SOURCE = Path(__file__).resolve().parent / "remote_code" / REMOTE_CODE_NAME
 
 
 class ExportFormatError(UserError, ValueError):
     """An export folder that is incomplete, from a newer format version, or not an archquant export."""
-
-
-def _kernel_linear_cls():
-    from archquant.kernels.qlinear import QuantLinear
-
-    return QuantLinear
 
 
 def packed_backend_name(name: str) -> tuple[str, bool]:
@@ -65,9 +62,6 @@ def packed_backend_name(name: str) -> tuple[str, bool]:
     ``QuantLinear`` executes the reference quantiser; a backend with other semantics (llama.cpp's
     block-32 formats) is packed with the reference quantiser instead, and its GGUF is the faithful export.
     """
-    from archquant.backends import BackendError
-    from archquant.kernels.qlinear import _resolve_backend
-
     try:
         _resolve_backend(name)
         return name, True
@@ -75,20 +69,8 @@ def packed_backend_name(name: str) -> tuple[str, bool]:
         return "torch", False
 
 
-def _fake_quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every linear that still holds a raw weight and applies fake-quant (``models.hetero.QuantLinear``)."""
-    from archquant.models.hetero import QuantLinear as FakeQuantLinear
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-
-
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, _kernel_linear_cls()) for m in model.modules())
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
+    return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 @torch.no_grad()
@@ -111,7 +93,6 @@ def pack_model(
     if float_dtype not in FLOAT_DTYPES:
         raise ValueError(f"export.float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
     fdt = FLOAT_DTYPES[float_dtype]
-    QuantLinear = _kernel_linear_cls()
     if is_packed(model):
         return model
     layout = model_layout(model.config)
@@ -120,17 +101,9 @@ def pack_model(
     src.eval()
     emb = src.model.embed_tokens.weight
     emb.data = emb.data.to(fdt).float()  # the values the stored dtype holds; compute stays fp32
-    tied = layout.tied_lm_head
-    for name, mod in _fake_quant_linears(src):
-        if name == "lm_head" and tied:
-            src.lm_head.weight = src.model.embed_tokens.weight  # keep sharing the (rounded) embedding
-            continue
-        w = mod.weight.detach()
-        if mod.wbits >= 16:
-            w = w.to(fdt)
-        ql = QuantLinear.from_float(w, None if mod.bias is None else mod.bias.detach().float(), mod.wbits, mod.abits,
-                                    mod.group_size, backend=backend, paths=paths)
-        _set_module(src, name, ql)
+    if layout.tied_lm_head:
+        src.lm_head.weight = emb  # keep sharing the (rounded) embedding: the file stores it once
+    to_runtime(src, backend=backend, paths=paths, float_dtype=fdt, keep_tied_head=True)
     return src.eval()
 
 
@@ -146,7 +119,6 @@ class ExportResult:
 
 def packed_state_dict(packed: nn.Module, float_dtype: str) -> dict[str, torch.Tensor]:
     """Flat ``name -> tensor`` of a packed model, as stored (tied lm_head left out)."""
-    QuantLinear = _kernel_linear_cls()
     fdt = FLOAT_DTYPES[float_dtype]
     out: dict[str, torch.Tensor] = {}
     qnames = set()
@@ -211,7 +183,7 @@ def write_packed(folder: Path, packed: nn.Module, *, float_dtype: str, packed_ba
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "archquant_export": str(EXPORT_FORMAT_VERSION)})
     cfg = export_config_dict(packed, float_dtype=float_dtype, packed_backend=packed_backend)
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-    shutil.copyfile(_REMOTE_SOURCE, folder / REMOTE_CODE_NAME)
+    (folder / REMOTE_CODE_NAME).write_text(modeling_source())
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 
@@ -389,8 +361,10 @@ def load(
         ExportFormatError: missing files, not an export, or a newer format version.
         ManifestError: a file's sha256 or size differs from the manifest.
     """
+    from archquant.models.auto import register_auto_classes
     from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
 
+    register_auto_classes()  # the loaded model is an ``archquant`` model type to transformers' Auto classes
     path = check_folder(path)
     if verify:
         verify_manifest(path)
@@ -399,7 +373,6 @@ def load(
     for key in ("auto_map", "architectures", "transformers_version"):
         cfg.pop(key, None)
     config = ArchQuantConfig.from_dict(cfg)
-    QuantLinear = _kernel_linear_cls()
     backend = meta.get("packed_backend", "torch")
     with torch.device("meta"):
         model = ArchQuantForCausalLM(config)
@@ -407,7 +380,7 @@ def load(
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tied = "lm_head.qmeta" not in tensors and "lm_head.weight" not in tensors
     used = set()
-    for name, _ in _fake_quant_linears(model):
+    for name in linear_module_names(config.num_hidden_layers):
         if name == "lm_head" and tied:
             continue
         prefix = name + "."
@@ -415,7 +388,7 @@ def load(
         if "qmeta" not in state:
             raise ExportFormatError(f"{path / WEIGHTS_NAME} has no packed state for {name}")
         used.update(prefix + k for k in state)
-        _set_module(model, name, QuantLinear.from_packed(state, backend=backend, paths=paths))
+        model.set_submodule(name, QuantLinear.from_packed(state, backend=backend, paths=paths))
     rest = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if k not in used and not (tied and k == "lm_head.weight")]

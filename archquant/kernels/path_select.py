@@ -95,7 +95,8 @@ def _llc_bytes() -> int:
 def _flush_cache(device: torch.device) -> None:
     key = str(device)
     if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(2 * max(_llc_bytes(), 8 << 20) // 4, device=device)
+        with torch.inference_mode(False):  # a normal tensor: updatable in and out of inference mode
+            _FLUSH[key] = torch.empty(2 * max(_llc_bytes(), 8 << 20) // 4, device=device)
     _FLUSH[key].add_(1.0)
 
 

@@ -17,7 +17,8 @@ from archquant.latency.config import LatencyConfig
 from archquant.latency.llamacpp_profiler import profile_table as profile_llamacpp_table
 from archquant.latency.model import LatencyModel
 from archquant.latency.profiler import OpRunners, fit_overheads, method_string, profile_ops
-from archquant.latency.runtime import busy_warning, linear_path_decisions, machine_load, time_model_ms, to_runtime
+from archquant.kernels.swap import to_runtime
+from archquant.latency.runtime import busy_warning, linear_path_decisions, machine_load, time_model_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.table import LatencyTable
 from archquant.supernet import build, materialize

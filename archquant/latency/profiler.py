@@ -1,6 +1,6 @@
 """The profiler: time exactly the op signatures a space can produce, then fit the per-block/per-token overheads.
 
-Ops run as the served model runs them (``runtime.make_linear_runner`` for linears, the model's own
+Ops run as the served model runs them (``QuantLinear`` for linears, the model's own
 attention function, RMSNorm, SiLU-and-multiply, embedding) on inputs shaped by the scenario. For
 decode-sized inputs (<= ``COLD_MAX_TOKENS`` rows) on CPU each timed call follows a cache flush, because
 in a real decode step every weight and KV cache arrives from DRAM (the model streams through the cache
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from archquant.backends import Backend
-from archquant.latency.runtime import make_linear_runner, runtime_name, time_model_ms, time_op_ms
+from archquant.kernels.qlinear import QuantLinear
+from archquant.latency.runtime import RUNTIME_NAME, time_model_ms, time_op_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures
 from archquant.core.space import Space
@@ -47,8 +48,7 @@ class OpRunners:
         k, n = sig["K"], sig["N"]
         rows = self.sc.tokens if rows is None else rows
         w = self._rand(n, k, scale=0.02)
-        mod = make_linear_runner(w, None, sig["wbits"], sig["abits"], self.g, self.backend, self.linear_paths)
-        mod = mod.to(self.device).eval()
+        mod = QuantLinear.from_float(w, None, sig["wbits"], sig["abits"], self.g, self.backend, self.linear_paths)
         x = self._rand(self.sc.batch, rows // self.sc.batch, k)  # x: [B, S, K] as inside the model
         return lambda: mod(x)
 
@@ -191,4 +191,4 @@ def method_string(device: torch.device | str, min_run_time: float, cold: bool) -
         f"torch.utils.benchmark blocked_autorange median (min_run_time {min_run_time} s, {torch.get_num_threads()} threads)"
     )
     cache = "; ops timed cache-cold: median of single calls, each after writing a 2x LLC buffer" if cold else ""
-    return f"per-op {timer}, linears via {runtime_name()}{cache}; overheads fitted from whole-model timings over depth"
+    return f"per-op {timer}, linears via {RUNTIME_NAME}{cache}; overheads fitted from whole-model timings over depth"

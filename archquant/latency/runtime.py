@@ -1,9 +1,8 @@
-"""What the profiler and the validation time: the quantised-linear runtime, a model swapped onto it, timers.
+"""What the profiler and the validation time with: timers, the machine's load, the runtime's path decisions.
 
-``make_linear_runner`` is the one place that decides which module runs a quantised linear:
-``archquant.kernels.qlinear.QuantLinear`` when it is installed, else a plain ``F.linear`` on the
-dequantised weight (what the supernet simulates; it runs at fp32 speed whatever the bits, and tables
-made with it say so in ``header.method``).
+Models and linears are timed on the packed runtime ``archquant.kernels.qlinear.QuantLinear``
+(``archquant.kernels.swap.to_runtime`` puts a model on it); ``RUNTIME_NAME`` is what table headers
+record for it.
 """
 
 from __future__ import annotations
@@ -16,136 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from archquant.backends import Backend, get_backend
+from archquant.kernels.path_select import path_cache
 from archquant.latency.scenario import Scenario
 
-LINEAR_PATHS = {
-    "q": ("self_attn", "q_proj"),
-    "k": ("self_attn", "k_proj"),
-    "v": ("self_attn", "v_proj"),
-    "o": ("self_attn", "o_proj"),
-    "gate": ("mlp", "gate_proj"),
-    "up": ("mlp", "up_proj"),
-    "down": ("mlp", "down_proj"),
-}
-
-
-def _quant_linear_cls():
-    try:
-        from archquant.kernels.qlinear import QuantLinear
-    except ImportError:
-        return None
-    return QuantLinear
-
-
-def runtime_name() -> str:
-    """Which module ``make_linear_runner`` builds (recorded in every table header)."""
-    return "QuantLinear" if _quant_linear_cls() is not None else "F.linear fallback (archquant.kernels.qlinear missing)"
-
-
-class FallbackLinear(nn.Module):
-    """``F.linear`` on the cached dequantised weight, after the backend's activation fake-quant.
-
-    Shape: ``x [..., K]`` -> ``[..., N]``.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, wbits: int, abits: int, group_size: int,
-                 backend: Backend) -> None:
-        super().__init__()
-        with torch.no_grad():
-            w = backend.fake_quant_weight(weight.detach(), wbits, group_size)
-        self.register_buffer("weight", w.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.wbits, self.abits, self.backend = wbits, abits, backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.abits < 16:
-            x = self.backend.fake_quant_act(x, self.abits, self.wbits)
-        return F.linear(x, self.weight, self.bias)
-
-
-def make_linear_runner(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    wbits: int,
-    abits: int,
-    group_size: int,
-    backend: Backend | str = "torch",
-    paths: tuple[str, ...] | None = None,
-) -> nn.Module:
-    """The module that serves one linear at ``wbits``/``abits`` (QuantLinear, or the fallback).
-
-    Args:
-        weight: fp weight on the target device. Shape: ``[N, K]``.
-        bias: ``[N]`` or None.
-        wbits, abits: bit-widths (16 = unquantised).
-        group_size: weight-quantisation group size (must divide K when ``wbits < 16``).
-        backend: the engine whose quantiser semantics the fallback simulates.
-        paths: restrict QuantLinear's execution paths (None: it measures and picks the fastest).
-
-    Raises:
-        BackendError: bits the backend has no kernel for.
-    """
-    backend = get_backend(backend) if isinstance(backend, str) else backend
-    if wbits not in backend.weight_bits or abits not in backend.act_bits:
-        from archquant.backends import BackendError
-
-        raise BackendError(
-            f"backend {backend.name!r} has no kernel for W{wbits}A{abits} (weights {backend.weight_bits}, "
-            f"activations {backend.act_bits})"
-        )
-    cls = _quant_linear_cls()
-    if cls is not None:
-        return cls.from_float(weight.detach(), None if bias is None else bias.detach(), wbits, abits, group_size,
-                              backend=backend, paths=paths)
-    return FallbackLinear(weight, bias, wbits, abits, group_size, backend)
-
-
-def to_runtime(model: nn.Module, *, copy: bool = False) -> nn.Module:
-    """Swap every decoder linear (and the lm_head) for ``make_linear_runner`` modules.
-
-    Bits come from ``model.config.quant`` (a materialised subnet) or are 16 (a plain HF model).
-    Linears are built from the stored raw weights, as exporters do. This is what a latency
-    measurement of the ``torch``/``triton`` backends must time: a materialised subnet on its own
-    runs fake-quantised fp32 weights, at fp32 speed whatever its bits.
-
-    Args:
-        model: a materialised ``ArchQuantForCausalLM`` or a Llama-family HF model.
-        copy: swap in a deep copy and leave ``model`` untouched (default: in place).
-    """
-    if copy:
-        import copy as _copy
-
-        model = _copy.deepcopy(model)
-    quant = getattr(model.config, "quant", None) or {}
-    backend = get_backend(quant.get("backend", "torch"), quant.get("backend_options"))
-    g = int(quant.get("group_size", 64))
-    layers = model.model.layers
-    qlayers = quant.get("layers") or [{}] * len(layers)
-    if len(qlayers) != len(layers):
-        raise ValueError(f"config.quant has {len(qlayers)} layer entries for {len(layers)} blocks")
-    for layer, lq in zip(layers, qlayers):
-        wbits, abits = lq.get("wbits", {}), int(lq.get("abits", 16))
-        for lin, (sub, attr) in LINEAR_PATHS.items():
-            parent = getattr(layer, sub)
-            mod = getattr(parent, attr)
-            bits = int(wbits.get(lin, 16))
-            setattr(parent, attr, make_linear_runner(mod.weight, getattr(mod, "bias", None), bits, abits, g, backend))
-    lm_bits = int(quant.get("lm_head_bits", 16))
-    head = model.lm_head
-    model.lm_head = make_linear_runner(head.weight, getattr(head, "bias", None), lm_bits, 16, g, backend)
-    return model
+RUNTIME_NAME = "QuantLinear"  # the module every timed linear runs (recorded in table headers' ``method``)
 
 
 def linear_path_decisions() -> dict[str, str]:
     """Which QuantLinear path each profiled shape ran (``K x N / bits / M bucket -> path``), for table headers."""
-    try:
-        from archquant.kernels.path_select import path_cache
-    except ImportError:
-        return {}
     return {
         f"{k.k}x{k.n}/w{k.wbits}a{k.abits}g{k.group_size}/m{k.m_bucket}": c.path
         for k, c in sorted(path_cache().items(), key=lambda kv: (kv[0].k, kv[0].n, kv[0].wbits, kv[0].abits, kv[0].m_bucket))
@@ -199,7 +78,8 @@ def flush_cache(device: torch.device | str = "cpu") -> None:
     """
     key = str(device)
     if key not in _FLUSH:
-        _FLUSH[key] = torch.zeros(2 * last_level_cache_bytes() // 4, device=device)
+        with torch.inference_mode(False):  # a normal tensor: updatable in and out of inference mode
+            _FLUSH[key] = torch.zeros(2 * last_level_cache_bytes() // 4, device=device)
     buf = _FLUSH[key]
     buf.fill_(float(buf[0]) + 1.0)
 

@@ -6,10 +6,13 @@ and per-linear weight bits / per-layer activation bits. ``ArchQuantConfig`` (mod
 ``archquant``) records them; the model keeps Llama's module names so exporters and tools find
 ``model.layers[i].self_attn.q_proj`` where they expect it.
 
-Linear weights are stored unquantised; ``QuantLinear`` applies the backend's quantisers in its
-forward (the quantised weight is cached in eval mode), so every exporter quantises the same raw
-weights with the same function and reproduces these outputs bit for bit. Both classes are
-registered with transformers' Auto classes on import, so ``from_pretrained`` round-trips.
+Every linear is built by ``make_linear``: here ``FakeQuantLinear``, which stores the weight
+unquantised and applies the backend's quantisers in its forward (the quantised weight is cached in eval
+mode), so every exporter quantises the same raw weights with the same function and reproduces these
+outputs bit for bit. An export folder's ``modeling_archquant.py`` is this module's own text with a
+``make_linear`` over packed weights instead (``archquant.export.remote_code``), so this module imports
+only torch and transformers besides those two names. ``archquant.models.auto.register_auto_classes``
+makes ``AutoModelForCausalLM.from_pretrained`` find these classes by ``model_type``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, LlamaConfig, PreTrainedConfig
+from transformers import GenerationMixin, LlamaConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -32,7 +34,8 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+from archquant.core.linears import LINEARS
+from archquant.models.fake_quant_linear import make_linear
 
 
 class ArchQuantConfig(PreTrainedConfig):
@@ -104,7 +107,7 @@ class ArchQuantConfig(PreTrainedConfig):
                 )
         self.layer_source = list(self.layer_source) if self.layer_source is not None else list(range(n))
         self.layer_rope_index = list(self.layer_rope_index) if self.layer_rope_index is not None else [None] * n
-        self.linear_bias = dict(self.linear_bias) if self.linear_bias else {k: False for k in LINEAR_NAMES}
+        self.linear_bias = dict(self.linear_bias) if self.linear_bias else {k: False for k in LINEARS}
         self.num_hidden_layers = n
         # Summary values for generic tools that read them; the per-layer lists are authoritative.
         self.num_attention_heads = max(self.layer_num_heads)
@@ -116,7 +119,7 @@ class ArchQuantConfig(PreTrainedConfig):
     def layer_quant(self, i: int) -> tuple[dict[str, int], int]:
         """``(wbits per linear, abits)`` of kept block ``i`` (16 everywhere without ``quant``)."""
         if not self.quant:
-            return {k: 16 for k in LINEAR_NAMES}, 16
+            return {k: 16 for k in LINEARS}, 16
         entry = self.quant["layers"][i]
         return {k: int(v) for k, v in entry["wbits"].items()}, int(entry["abits"])
 
@@ -149,7 +152,7 @@ class ArchQuantConfig(PreTrainedConfig):
             return "head size was cut (RoPE pairs differ from the original layout)"
         if self.hidden_size % h:
             return f"LlamaConfig requires hidden_size % num_attention_heads == 0 ({self.hidden_size} % {h})"
-        if any(self.linear_bias.get(k) for k in LINEAR_NAMES):
+        if any(self.linear_bias.get(k) for k in LINEARS):
             return "linears carry biases"
         return None
 
@@ -181,64 +184,8 @@ class ArchQuantConfig(PreTrainedConfig):
         )
 
 
-class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose forward runs the backend's weight and activation fake-quantisers.
-
-    The stored weight is the unquantised one. In eval mode (or without gradient) the quantised weight is
-    cached until the weight changes; in training mode it is recomputed every call with the
-    straight-through estimator (QAT).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, wbits: int = 16, abits: int = 16,
-                 group_size: int = 64, backend: str = "torch", backend_options: dict | None = None) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.wbits, self.abits, self.group_size, self.backend_name = int(wbits), int(abits), int(group_size), backend
-        self.backend_options = dict(backend_options or {})
-        self._backend = None
-        self._qkey = None
-        self._qweight = None
-
-    @property
-    def backend(self):
-        if self._backend is None:
-            from archquant.backends import get_backend
-
-            self._backend = get_backend(self.backend_name, self.backend_options)
-        return self._backend
-
-    def quantized_weight(self) -> torch.Tensor:
-        """The weight the engine computes with (dequantised). Shape: ``[out, in]``."""
-        w = self.weight
-        if self.wbits >= 16:
-            q = self.backend.fake_quant_weight(w, self.wbits, self.group_size)
-            if q is w:  # the reference backend keeps 16-bit weights as they are: no copy
-                return w
-        if self.training or (w.requires_grad and torch.is_grad_enabled()):
-            return self.backend.fake_quant_weight(w, self.wbits, self.group_size)
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if key != self._qkey:
-            with torch.no_grad():
-                self._qweight = self.backend.fake_quant_weight(w, self.wbits, self.group_size)
-            self._qkey = key
-        return self._qweight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backend.fake_quant_act(x, self.abits, self.wbits)
-        return F.linear(x, self.quantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}, group_size={self.group_size}, "
-            f"backend={self.backend_name}"
-        )
-
-
-def _qlinear(
-    config: ArchQuantConfig, name: str, n_in: int, n_out: int, wbits: dict[str, int], abits: int
-) -> QuantLinear:
-    return QuantLinear(n_in, n_out, bias=bool(config.linear_bias.get(name, False)), wbits=wbits[name], abits=abits,
-                       group_size=config.quant_group_size, backend=config.quant_backend,
-                       backend_options=config.quant_backend_options)
+def _linear(config: ArchQuantConfig, name: str, n_in: int, n_out: int, wbits: dict[str, int], abits: int) -> nn.Module:
+    return make_linear(config, name, n_in, n_out, wbits=wbits[name], abits=abits)
 
 
 class ArchQuantAttention(nn.Module):
@@ -257,10 +204,10 @@ class ArchQuantAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         wbits, abits = config.layer_quant(layer_idx)
-        self.q_proj = _qlinear(config, "q", d, h * hd, wbits, abits)
-        self.k_proj = _qlinear(config, "k", d, kv * hd, wbits, abits)
-        self.v_proj = _qlinear(config, "v", d, kv * hd, wbits, abits)
-        self.o_proj = _qlinear(config, "o", h * hd, d, wbits, abits)
+        self.q_proj = _linear(config, "q", d, h * hd, wbits, abits)
+        self.k_proj = _linear(config, "k", d, kv * hd, wbits, abits)
+        self.v_proj = _linear(config, "v", d, kv * hd, wbits, abits)
+        self.o_proj = _linear(config, "o", h * hd, d, wbits, abits)
         pairs = config.layer_rope_index[layer_idx]
         half = config.head_dim // 2
         if pairs is None and hd == config.head_dim:
@@ -313,9 +260,9 @@ class ArchQuantMLP(nn.Module):
         super().__init__()
         d, m = config.hidden_size, config.layer_intermediate_size[layer_idx]
         wbits, abits = config.layer_quant(layer_idx)
-        self.gate_proj = _qlinear(config, "gate", d, m, wbits, abits)
-        self.up_proj = _qlinear(config, "up", d, m, wbits, abits)
-        self.down_proj = _qlinear(config, "down", m, d, wbits, abits)
+        self.gate_proj = _linear(config, "gate", d, m, wbits, abits)
+        self.up_proj = _linear(config, "up", d, m, wbits, abits)
+        self.down_proj = _linear(config, "down", m, d, wbits, abits)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,16 +309,9 @@ class ArchQuantModel(ArchQuantPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        """The causal LM's forward without its head (same arguments)."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -394,7 +334,7 @@ class ArchQuantModel(ArchQuantPreTrainedModel):
 
 
 class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
-    """Causal LM over ``ArchQuantModel``; ``lm_head`` is fake-quantised at ``quant.lm_head_bits``."""
+    """Causal LM over ``ArchQuantModel``; ``lm_head`` is quantised at ``quant.lm_head_bits``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -402,9 +342,8 @@ class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ArchQuantModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, bias=False, wbits=config.lm_head_bits,
-                                   abits=16, group_size=config.quant_group_size, backend=config.quant_backend,
-                                   backend_options=config.quant_backend_options)
+        self.lm_head = make_linear(config, "lm_head", config.hidden_size, config.vocab_size, wbits=config.lm_head_bits,
+                                   abits=16)
         self.post_init()
 
     def forward(
@@ -452,7 +391,7 @@ class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
         state = {}
         with torch.no_grad():
             for name, mod in self.named_modules():
-                if isinstance(mod, QuantLinear):
+                if hasattr(mod, "quantized_weight"):  # every linear ``make_linear`` builds
                     state[f"{name}.weight"] = mod.quantized_weight().detach().clone()
             for name, p in self.named_parameters():
                 state.setdefault(name, p.detach().clone())
@@ -464,12 +403,3 @@ class ArchQuantForCausalLM(ArchQuantPreTrainedModel, GenerationMixin):
             raise RuntimeError(f"plain Llama does not fit these weights: missing {missing}, unexpected {unexpected}")
         return model.eval()
 
-
-def register() -> None:
-    """Register ``archquant`` with AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
-    AutoConfig.register("archquant", ArchQuantConfig, exist_ok=True)
-    AutoModel.register(ArchQuantConfig, ArchQuantModel, exist_ok=True)
-    AutoModelForCausalLM.register(ArchQuantConfig, ArchQuantForCausalLM, exist_ok=True)
-
-
-register()

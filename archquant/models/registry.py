@@ -42,7 +42,9 @@ def resolve_model_name(name: str) -> str:
 
 
 def _load_hf(path_or_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    import archquant.models.hetero  # noqa: F401  (registers model_type "archquant": saved subnets load by path)
+    from archquant.models.auto import register_auto_classes
+
+    register_auto_classes()  # saved subnets (model_type "archquant") load by path
 
     path = Path(path_or_id)
     if path.is_file() and path.suffix == ".gguf":

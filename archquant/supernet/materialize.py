@@ -2,7 +2,7 @@
 
 Weights are physically sliced from the supernet's shared (importance-permuted) Parameters: the first
 ``hidden`` channels, the kept KV groups / query heads / RoPE pairs / value dims, the first ``mlp``
-neurons, and only the kept blocks. They are copied unquantised; the model's ``QuantLinear`` layers
+neurons, and only the kept blocks. They are copied unquantised; the model's ``FakeQuantLinear`` layers
 apply the backend's quantisers at the arch's bits. With hard one-hot gates at the same arch, the
 supernet computes the same logits (tests pin this to 1e-4 in fp32).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from archquant.models.auto import register_auto_classes
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
 from archquant.core.arch import Arch
 from archquant.supernet.attention import attention_index
@@ -125,6 +126,7 @@ def materialize(sn: Supernet, arch: Arch) -> ArchQuantForCausalLM:
     """
     from transformers.initialization import no_init_weights
 
+    register_auto_classes()  # a saved subnet then loads back through AutoModelForCausalLM in this process
     cfg = subnet_config(sn, arch)
     state = subnet_state(sn, arch)
     ref = sn.embed_tokens.weight
