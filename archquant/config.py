@@ -12,6 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from archquant.core.space import SpaceConfig
 from archquant.data.config import DataConfig
 from archquant.distill.config import DistillConfig
 from archquant.evaluation.config import EvalConfig
@@ -19,7 +20,6 @@ from archquant.export.config import ExportConfig
 from archquant.latency.config import LatencyConfig
 from archquant.models.config import ModelConfig
 from archquant.search.config import BudgetConfig, ParetoConfig, RunConfig, SearchConfig, SloConfig
-from archquant.core.space import SpaceConfig
 
 
 @dataclass

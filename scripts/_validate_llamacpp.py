@@ -68,16 +68,16 @@ def validate_llamacpp(
     import torch
 
     from archquant.backends.llamacpp import LlamaCppBackend
+    from archquant.core.space import SpaceConfig, resolve_space
     from archquant.engine.gguf_writer import export_gguf
-    from archquant.latency.llamacpp_profiler import per_session, sample_archs, session_stat, time_gguf
     from archquant.engine.llamacpp import require_llama_cpp
     from archquant.latency.config import LatencyConfig
+    from archquant.latency.llamacpp_profiler import per_session, sample_archs, session_stat, time_gguf
     from archquant.latency.loader import load_table_for
     from archquant.latency.scenario import Scenario
     from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
     from archquant.models.registry import load_model
     from archquant.supernet import build, materialize
-    from archquant.core.space import SpaceConfig, resolve_space
 
     require_llama_cpp()
     threads = int(threads or torch.get_num_threads())

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from archquant.kernels.swap import to_runtime
 from archquant.latency import LatencyModel, Scenario, load_table_for
-from archquant.latency.table import LatencyTable
 from archquant.latency.config import LatencyConfig
 from archquant.latency.loader import roofline_params
 from archquant.latency.roofline import roofline_table, runtime_weight_bytes
-from archquant.kernels.swap import to_runtime
 from archquant.latency.runtime import RUNTIME_NAME, busy_warning, linear_path_decisions, machine_load, time_model_ms
 from archquant.latency.signatures import arch_ops
+from archquant.latency.table import LatencyTable
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, SpaceConfig, build, materialize
 from archquant.utils.env import run_header

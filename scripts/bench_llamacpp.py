@@ -90,9 +90,9 @@ def _for_llamacpp(arch, space):
 
 def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions."""
-    from archquant.engine.llamacpp import LlamaCppLM, LlamaCppRunner
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import LlamaCppLM, LlamaCppRunner
     from archquant.evaluation.perplexity import perplexity
     from archquant.evaluation.zero_shot import zero_shot
 
@@ -190,11 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from archquant.backends.llamacpp import LlamaCppBackend
-    from archquant.engine.gguf_writer import export_gguf
-    from archquant.latency.llamacpp_profiler import sample_archs
-    from archquant.engine.llamacpp import require_llama_cpp
+    from archquant.core.space import SpaceConfig, resolve_space
     from archquant.data.calibration import calibration_blocks
+    from archquant.engine.gguf_writer import export_gguf
+    from archquant.engine.llamacpp import require_llama_cpp
     from archquant.latency.config import LatencyConfig
+    from archquant.latency.llamacpp_profiler import sample_archs
     from archquant.latency.loader import find_tables
     from archquant.latency.model import LatencyModel
     from archquant.latency.scenario import Scenario
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
     from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
     from archquant.models.registry import load_model
     from archquant.supernet import Arch, build, materialize
-    from archquant.core.space import SpaceConfig, resolve_space
 
     require_llama_cpp()
     points = _load_points(args)

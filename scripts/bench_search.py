@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from archquant.commands.search import search_job
     from archquant.commands.session import Session
-    from archquant.latency.measure import measure_latency
     from archquant.core.arch import Arch
+    from archquant.latency.measure import measure_latency
     from archquant.utils.env import run_header
     from archquant.utils.io import atomic_write_json
 

@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     if args.markdown:
         print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return 0
-    from archquant.data import DataConfig, resolve_data_path
     from archquant.commands.session import load_by_name
+    from archquant.data import DataConfig, resolve_data_path
     from archquant.evaluation import perplexity, zero_shot
     from archquant.evaluation.zero_shot import check_tasks, headline_mean
     from archquant.utils.env import run_header

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from archquant.models.tiny import tiny_llama
 from archquant.core.space import SpaceConfig
+from archquant.models.tiny import tiny_llama
 
 VOCAB = 256
 

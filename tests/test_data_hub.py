@@ -16,8 +16,7 @@ import datasets.config
 import pytest
 
 from archquant.commands import data as data_cmd
-from archquant.data import DataConfig, DataFileNotFoundError, data_root, load_benchmark, resolve_data_path
-from archquant.data import hub
+from archquant.data import DataConfig, DataFileNotFoundError, data_root, hub, load_benchmark, resolve_data_path
 from archquant.data.hub import HUB_FILES, HubFile, derived_hellaswag_text, hub_content, local_rows
 
 SHARED = data_root(DataConfig())

@@ -6,17 +6,15 @@ import json
 
 import pytest
 import torch
+from _tiny import tiny_space, token_ids
 
 from archquant.config import Config, LoggerConfig, TrainerConfig
+from archquant.core.arch import ArchError
 from archquant.data.config import DataConfig
 from archquant.distill.config import DistillConfig, LoraConfig
 from archquant.latency.config import LatencyConfig
 from archquant.models.config import ModelConfig
 from archquant.supernet import Arch, build, materialize
-from archquant.core.arch import ArchError
-
-from _tiny import tiny_space, token_ids
-
 
 LR = 1e-3
 
@@ -86,8 +84,8 @@ def test_distill_reduces_heldout_kd_and_saves_a_loadable_subnet(tmp_path, cache)
 
 
 def test_resumed_distillation_equals_the_uninterrupted_run(tmp_path, cache, monkeypatch):
-    from archquant.distill import loop as loop_mod
     from archquant.commands.distill import load_distilled, run_distill
+    from archquant.distill import loop as loop_mod
 
     arch = _arch(tmp_path)
     run_distill(_cfg(tmp_path, arch, "straight"), progress=False)

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from archquant.cli import CONFIG_DIR
-from archquant.config import Config, register_configs, to_object
-from archquant.data import DataConfig
-from archquant.cli import run_verb
+from archquant.cli import CONFIG_DIR, run_verb
 from archquant.commands.eval import evaluate_cli
 from archquant.commands.session import load_by_name
+from archquant.config import Config, register_configs, to_object
+from archquant.data import DataConfig
 from archquant.evaluation import EvalConfig, evaluate
-from archquant.utils.errors import EXIT_USER_ERROR
 from archquant.models.config import ModelConfig
+from archquant.utils.errors import EXIT_USER_ERROR
 
 REQUIRED = {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "stderr", "metric"}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from archquant.data import load_benchmark
 from archquant.commands.session import load_by_name
+from archquant.data import load_benchmark
 from archquant.evaluation import ALL_TASKS, zero_shot
 from archquant.evaluation.lm_eval_bridge import lm_eval_tasks, run_lm_eval
 from archquant.evaluation.tasks import build_examples

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import tiny_space, token_ids
 from safetensors import safe_open
 
-from archquant.utils.manifest import ManifestError, write_manifest
+from archquant.core.arch import ArchError
 from archquant.export.packed import ExportFormatError, load, load_tokenizer, pack_model, read_record, save
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
-from archquant.core.arch import ArchError
-
-from _tiny import tiny_space, token_ids
+from archquant.utils.manifest import ManifestError, write_manifest
 
 VOCAB = 259  # the registry's tiny-llama (byte tokenizer)
 

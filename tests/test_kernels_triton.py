@@ -51,10 +51,10 @@ def _interpreter_env():
     yield
     _restore_env()
 
-from archquant.quant.packing import pack_weight  # noqa: E402
-from archquant.quant.reference import fake_quant_act, fake_quant_weight  # noqa: E402
 from archquant.kernels.w8a8_matmul.reference import w8a8_matmul_ref  # noqa: E402
 from archquant.kernels.wq_matmul.reference import wq_matmul_ref  # noqa: E402
+from archquant.quant.packing import pack_weight  # noqa: E402
+from archquant.quant.reference import fake_quant_act, fake_quant_weight  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if _CUDA else [])

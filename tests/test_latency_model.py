@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from archquant.backends import BackendError, get_backend
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 from archquant.latency import LatencyModel, LatencyTable, TableError, TableMismatchWarning, load_table_for
 from archquant.latency.config import LatencyConfig
 from archquant.latency.roofline import RooflineParams, save_roofline
@@ -18,8 +20,6 @@ from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures
 from archquant.latency.table import TABLE_VERSION
 from archquant.models.tiny import tiny_llama, tiny_llama_config
-from archquant.core.arch import Arch
-from archquant.core.space import SpaceConfig, resolve_space
 from archquant.utils.env import device_name, versions
 
 TINY = dict(width_multiple=32, group_size=32)

@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from archquant.backends import Backend, BackendError, get_backend
+from archquant.commands.profile import profile
 from archquant.config import Config
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
+from archquant.kernels.swap import to_runtime
 from archquant.latency import LatencyModel, LatencyTable
 from archquant.latency import profiler as prof
-from archquant.commands.profile import profile
 from archquant.latency.build import _space_config_of, profile_table
 from archquant.latency.config import LatencyConfig
 from archquant.latency.roofline import RooflineParams, roofline_ms
-from archquant.kernels.swap import to_runtime
 from archquant.latency.runtime import time_model_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures, signature_key
 from archquant.models.config import ModelConfig
 from archquant.models.tiny import tiny_llama, tiny_llama_config
-from archquant.core.arch import Arch
-from archquant.core.space import SpaceConfig, resolve_space
 
 SMALL = SpaceConfig(hidden=[1.0], kv_groups=[1.0, 0.5], mlp=[1.0, 0.5], wbits=[16, 4], abits=[16, 8],
                     lm_head_bits=[16, 8], width_multiple=32, group_size=32)  # few shapes: QuantLinear times each once

@@ -10,7 +10,8 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from archquant.quant import gguf as quant
+from archquant.core.space import SpaceConfig
+from archquant.engine.gguf_reader import check_gguf, read_header
 from archquant.engine.gguf_writer import (
     GGUFExportError,
     export_gguf,
@@ -19,10 +20,9 @@ from archquant.engine.gguf_writer import (
     tokenizer_kv_from_hf,
     unpermute_rope_pairs,
 )
-from archquant.engine.gguf_reader import check_gguf, read_header
 from archquant.models.registry import load_model
+from archquant.quant import gguf as quant
 from archquant.supernet import Arch, build, materialize
-from archquant.core.space import SpaceConfig
 
 
 @pytest.fixture(scope="module")

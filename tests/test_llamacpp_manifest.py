@@ -9,13 +9,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from _tiny import tiny_space
 
 from archquant.export.packed import save
 from archquant.models.registry import load_model
 from archquant.supernet import Arch, build, materialize
 from archquant.utils.manifest import ManifestError, verify_file
-
-from _tiny import tiny_space
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +84,43 @@ def test_runner_and_generate_refuse_a_modified_or_truncated_gguf(folder, copy):
     gguf.write_bytes(good[: len(good) // 2])
     with pytest.raises(ManifestError, match=r"model\.gguf: \d+ bytes, manifest says"):
         LlamaCppRunner(gguf, n_ctx=32)
+
+
+def _command_error(capsys, verb: str, cfg) -> str:
+    """Run a command's verb as ``archquant-<verb>`` does; return its one-line message (exit code 2)."""
+    from archquant.cli import run_verb
+    from archquant.utils.errors import EXIT_USER_ERROR
+
+    with pytest.raises(SystemExit) as err:
+        run_verb(verb, cfg)
+    assert err.value.code == EXIT_USER_ERROR
+    text = capsys.readouterr().err
+    assert "Traceback" not in text
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("engine, damaged", [("llamacpp", "model.gguf"), ("auto", "model.gguf"),
+                                             ("torch", "model.safetensors")])
+def test_archquant_generate_refuses_a_damaged_export_with_every_engine(copy, capsys, engine, damaged):
+    pytest.importorskip("llama_cpp")
+    from archquant.config import Config
+    from archquant.export.config import ExportConfig
+
+    _flip_last_byte(copy / damaged)
+    cfg = Config(export=ExportConfig(path=str(copy), engine=engine, prompt="ab", max_new_tokens=2))
+    msg = _command_error(capsys, "generate", cfg)
+    assert msg.startswith("archquant-generate: ") and f"{damaged}: sha256 differs from the manifest" in msg
+
+
+def test_archquant_eval_refuses_a_damaged_export(copy, capsys, tmp_path):
+    from archquant.config import Config
+    from archquant.evaluation import EvalConfig
+    from archquant.models.config import ModelConfig
+
+    _flip_last_byte(copy / "model.safetensors")
+    cfg = Config(model=ModelConfig(name=str(copy)), eval=EvalConfig(tasks=[], ppl_max_windows=1, progress=False),
+                 out_dir=str(tmp_path / "eval"))
+    msg = _command_error(capsys, "eval", cfg)
+    assert msg.startswith("archquant-eval: ") and "model.safetensors: sha256 differs from the manifest" in msg
+    assert not (tmp_path / "eval" / "eval.json").exists()

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from archquant.backends.llamacpp import LlamaCppBackend
+from archquant.core.arch import Arch
+from archquant.core.space import SpaceConfig, resolve_space
 from archquant.engine.gguf_reader import check_gguf
 from archquant.latency.llamacpp_profiler import CostModel, SubnetShape, sample_archs, write_synthetic_gguf
 from archquant.latency.model import LatencyModel
 from archquant.latency.scenario import Scenario
 from archquant.latency.table import LatencyTable
 from archquant.models.tiny import tiny_llama_config
-from archquant.core.arch import Arch
-from archquant.core.space import SpaceConfig, resolve_space
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from archquant.backends import get_backend
-from archquant.backends import BackendError
+from archquant.backends import BackendError, get_backend
 from archquant.backends.llamacpp import LlamaCppBackend
-from archquant.quant import gguf as quant
-from archquant.models.tiny import tiny_llama_config
 from archquant.core.space import SpaceConfig, resolve_space
+from archquant.models.tiny import tiny_llama_config
+from archquant.quant import gguf as quant
 
 
 def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:

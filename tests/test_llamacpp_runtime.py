@@ -22,13 +22,13 @@ import torch
 pytest.importorskip("llama_cpp")
 
 from archquant.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from archquant.core.space import SpaceConfig  # noqa: E402
 from archquant.engine.gguf_reader import GGUFShapeError  # noqa: E402
 from archquant.engine.gguf_writer import export_gguf  # noqa: E402
 from archquant.engine.llamacpp import LlamaCppRunner, generate  # noqa: E402
-from archquant.utils.errors import UserError  # noqa: E402
 from archquant.models.registry import load_model  # noqa: E402
 from archquant.supernet import Arch, build, materialize  # noqa: E402
-from archquant.core.space import SpaceConfig  # noqa: E402
+from archquant.utils.errors import UserError  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 

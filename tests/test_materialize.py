@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.models.fake_quant_linear import FakeQuantLinear
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
+from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.supernet import Arch, ArchError, build, materialize
 from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
 

@@ -203,6 +203,16 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     assert not none.met and none.fastest.measured_ms <= fastest.latency_ci_ms[1]  # fastest, or timed alike
     saved = json.loads((tmp_path / "picked.json").read_text())
     assert saved["met"] is False and "no point meets" in saved["message"]
+    # as a command: exit code 3 when no point meets the SLO (picked.json written all the same), 0 when one does
+    from archquant.cli import run_verb
+    from archquant.utils.errors import EXIT_OK, EXIT_SLO_UNMET
+
+    (tmp_path / "picked.json").unlink()
+    unmet = _cfg(TINY + [f"slo.latency_ms={fastest.measured_ms / 10}", f"slo.front={tmp_path}"], tmp_path)
+    assert run_verb("pick", unmet) == EXIT_SLO_UNMET
+    assert json.loads((tmp_path / "picked.json").read_text())["met"] is False
+    met = _cfg(TINY + [f"slo.latency_ms={slowest.measured_ms}", f"slo.front={tmp_path}"], tmp_path)
+    assert run_verb("pick", met) == EXIT_OK
 
 
 def test_main_job_on_the_tiny_model(tmp_path, feasible):

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from archquant.models.tiny import tiny_llama_config
 from archquant.core.arch import Arch
 from archquant.core.space import SpaceConfig, resolve_space
+from archquant.models.tiny import tiny_llama_config
 
 VOCAB = 48
 

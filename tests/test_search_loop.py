@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 from lightning.fabric import Fabric
+from test_search_fakes import VOCAB, AnalyticLatency, FakeSupernet, tiny_space
 
+from archquant.core.arch import Arch
 from archquant.search.budget import BudgetError, argmax_choices, check_budget, feasible_range, repair_to_budget
 from archquant.search.config import BudgetConfig, SearchConfig
 from archquant.search.loop import ArchSearch, SearchSetupError, run_search
 from archquant.search.teacher import compute_teacher_targets
-from archquant.core.arch import Arch
 from archquant.training import NonFiniteLossError, ResumeMismatchError
-from test_search_fakes import VOCAB, AnalyticLatency, FakeSupernet, tiny_space
 
 torch.set_num_threads(1)
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_search_fakes import FakeSupernet, tiny_space
 
 from archquant.search.objective import hinge_penalty, kd_loss, next_token_ce
 from archquant.search.pruner import EntropyPruner, normalized_entropy
 from archquant.search.schedule import penalty_scale, temperature
-from test_search_fakes import FakeSupernet, tiny_space
 
 
 def _logits(seed, shape=(2, 5, 40)):

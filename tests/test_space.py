@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from archquant.models.tiny import tiny_llama_config
 from archquant.core.arch import Arch, ArchError
 from archquant.core.space import SpaceConfig, SpaceError, resolve_space
+from archquant.models.tiny import tiny_llama_config
 
 
 class _SmolConfig:

@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from archquant.backends import BackendError, get_backend
+from archquant.core.space import resolve_space
 from archquant.supernet import Arch, ArchError, GateError, SpaceError, UnsupportedModelError, build
 from archquant.supernet import importance as importance_mod
 from archquant.supernet.importance import compute_importance, depth_logits, load_or_compute
 from archquant.supernet.permute import make_permutation, permute_state
-from archquant.core.space import resolve_space
 from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from archquant.backends import Backend, register_backend
-from archquant.quant.reference import fake_quant_act as ref_fake_quant_act
 from archquant.models.fake_quant_linear import FakeQuantLinear
+from archquant.quant.reference import fake_quant_act as ref_fake_quant_act
 from archquant.supernet import Arch, build, materialize
 from archquant.supernet.linear import ElasticLinear
 from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny import tiny_model, tiny_space, token_ids
 
 from archquant.backends import Backend, BackendError
 from archquant.core.linears import LINEARS, MODULE_PATHS
@@ -11,8 +12,6 @@ from archquant.kernels.qlinear import QuantLinear
 from archquant.kernels.swap import linear_module_names, to_runtime
 from archquant.models.fake_quant_linear import FakeQuantLinear
 from archquant.supernet import Arch, build, materialize
-
-from _tiny import tiny_model, tiny_space, token_ids
 
 
 @pytest.fixture(scope="module")

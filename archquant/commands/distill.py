@@ -21,8 +21,8 @@ from torch import nn
 from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.data import resolve_data_path
-from archquant.distill.lora import add_lora, merge_lora
 from archquant.distill.loop import DistillLoop
+from archquant.distill.lora import add_lora, merge_lora
 from archquant.evaluation.perplexity import perplexity
 from archquant.models.hetero import ArchQuantForCausalLM
 from archquant.training import make_fabric, make_loggers

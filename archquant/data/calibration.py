@@ -18,8 +18,8 @@ import torch
 
 from archquant.data.config import DataConfig
 from archquant.data.files import file_sha256, resolve_data_path
-from archquant.utils.paths import cache_dir
 from archquant.utils.io import atomic_write_bytes
+from archquant.utils.paths import cache_dir
 
 GUTENBERG_START = "*** START OF TH"  # "THIS" or "THE" PROJECT GUTENBERG EBOOK ...
 GUTENBERG_END = "*** END OF TH"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFValueType
+
 from archquant.utils.errors import UserError
 
 _SCALAR = {

@@ -33,10 +33,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from archquant.quant import gguf as quant
 from archquant.backends.llamacpp import resolve_types
 from archquant.core.linears import LINEARS, MODULE_PATHS, NORM_PATHS, gguf_name
 from archquant.engine.gguf_reader import read_header
+from archquant.quant import gguf as quant
 from archquant.utils.errors import UserError
 
 # which search decision sets a linear's input width, for error messages

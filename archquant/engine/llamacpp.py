@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from archquant.utils.errors import UserError
 
 from archquant.engine.gguf_reader import check_gguf
+from archquant.utils.errors import UserError
 from archquant.utils.manifest import verify_file
 
 INSTALL_HINT = (

@@ -7,22 +7,20 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import torch
 from torch import nn
 
 from archquant.backends import Backend, BackendError
 from archquant.core.arch import Arch
 from archquant.core.space import Space, SpaceConfig
+from archquant.kernels.swap import to_runtime
 from archquant.latency.config import LatencyConfig
 from archquant.latency.llamacpp_profiler import profile_table as profile_llamacpp_table
 from archquant.latency.model import LatencyModel
 from archquant.latency.profiler import OpRunners, fit_overheads, method_string, profile_ops
-from archquant.kernels.swap import to_runtime
 from archquant.latency.runtime import busy_warning, linear_path_decisions, machine_load, time_model_ms
 from archquant.latency.scenario import Scenario
-from archquant.latency.table import LatencyTable
+from archquant.latency.table import LatencyTable, base_header
 from archquant.supernet import build, materialize
-from archquant.utils.env import device_name, now, versions
 
 
 def profile_table(model: nn.Module, space: Space, backend: Backend, scenario: Scenario,
@@ -97,14 +95,7 @@ def profile_reference_table(model: nn.Module, space: Space, backend: Backend, sc
     )
     ops = profile_ops(space, runners, min_run_time=min_run_time, log=log)
     header = {
-        "device": device_name(device),
-        "backend": backend.name,
-        **scenario.header(),
-        "model": dict(space.fingerprint),
-        "versions": versions(),
-        "date": now(),
-        "method": method_string(device, min_run_time, runners.cold),
-        "threads": torch.get_num_threads(),
+        **base_header(space, backend, scenario, device, method_string(device, min_run_time, runners.cold)),
         "dtype": str(dtype).replace("torch.", ""),
         "attn_implementation": runners.attn_impl,
         "space": space.to_dict(),

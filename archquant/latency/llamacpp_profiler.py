@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from archquant.quant import gguf as quant
 from archquant.engine.gguf_writer import ExportPlan, KeyValue, LayerPlan, TensorSpec, linear_shapes, write_gguf
 from archquant.engine.llamacpp import LlamaCppRunner, llama_cpp_version, require_llama_cpp
+from archquant.quant import gguf as quant
 
 STATISTIC = "median over sessions of the session minimum"
 DECODE_TOKENS = 24  # samples per decode session (``time_gguf``)
@@ -427,10 +427,10 @@ def refit_llamacpp(cfg, dump: str | Path, *, out: str | Path | None = None, log:
     import json
 
     from archquant.backends import get_backend
+    from archquant.core.space import resolve_space
     from archquant.latency.loader import table_path
     from archquant.latency.scenario import Scenario
     from archquant.models.registry import load_model
-    from archquant.core.space import resolve_space
 
     saved = json.loads(Path(dump).read_text())
     scenario = Scenario.from_config(cfg.latency)
@@ -463,10 +463,10 @@ def profile_llamacpp(cfg, *, budget_s: float | None = None, out: str | Path | No
     import torch
 
     from archquant.backends import get_backend
+    from archquant.core.space import resolve_space
     from archquant.latency.loader import table_path
     from archquant.latency.scenario import Scenario
     from archquant.models.registry import load_model
-    from archquant.core.space import resolve_space
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)

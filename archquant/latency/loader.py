@@ -17,14 +17,14 @@ import warnings
 from pathlib import Path
 
 from archquant.backends import Backend, get_backend
+from archquant.core.space import Space
 from archquant.latency.config import LatencyConfig
 from archquant.latency.model import LatencyModel
 from archquant.latency.roofline import load_roofline, measure_roofline, roofline_table, save_roofline
 from archquant.latency.scenario import Scenario
 from archquant.latency.table import LatencyTable, TableError
-from archquant.utils.paths import cache_dir
-from archquant.core.space import Space
 from archquant.utils.env import device_name, versions
+from archquant.utils.paths import cache_dir
 
 TABLES_ENV = "ARCHQUANT_LATENCY_TABLES"
 

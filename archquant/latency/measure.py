@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from archquant.backends import get_backend
+from archquant.core.arch import Arch
 from archquant.latency.interval import MedianInterval, median_interval
 from archquant.latency.scenario import Scenario
-from archquant.core.arch import Arch
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import math
 import torch
 
 from archquant.backends import Backend, BackendError, get_backend
+from archquant.core.space import Space
 from archquant.latency.signatures import MODEL_ROLES, OpTerm, arch_ops, op_terms, role_choices
 from archquant.latency.table import LatencyTable, TableError
-from archquant.core.space import Space
 
 _LETTERS = "abcdefghijkmnopqrstuvwxyz"  # einsum subscripts for roles ('l' is the block axis)
 

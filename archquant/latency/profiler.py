@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from archquant.backends import Backend
+from archquant.core.space import Space
 from archquant.kernels.qlinear import QuantLinear
 from archquant.latency.runtime import RUNTIME_NAME, time_model_ms, time_op_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures
-from archquant.core.space import Space
 
 COLD_MAX_TOKENS = 16  # rows up to which a linear is weight-bandwidth bound (decode), as in kernels.path_select
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from archquant.backends import Backend
+from archquant.core.space import Space
 from archquant.latency.runtime import time_op_ms
 from archquant.latency.scenario import Scenario
 from archquant.latency.signatures import enumerate_signatures
-from archquant.latency.table import LatencyTable
-from archquant.core.space import Space
+from archquant.latency.table import LatencyTable, base_header
 from archquant.utils.env import device_name, now, versions
 from archquant.utils.io import atomic_write_json
 
@@ -122,17 +122,10 @@ def roofline_table(space: Space, backend: Backend, scenario: Scenario, params: R
     for kind, sigs in enumerate_signatures(space).items():
         ops[kind] = [{**s, "ms": roofline_ms(kind, s, scenario, params, backend, space.group_size)} for s in sigs]
     header = {
-        "device": device_name(device),
-        "backend": backend.name,
-        **scenario.header(),
-        "model": dict(space.fingerprint),
-        "versions": versions(),
-        "date": now(),
-        "method": (
+        **base_header(space, backend, scenario, device, (
             f"ROOFLINE ESTIMATE, not measured: max(bytes/{params.bandwidth_gbs} GB/s, FLOPs/{params.peak_gflops} "
             f"GFLOP/s) + {params.op_overhead_ms} ms per op launch"
-        ),
-        "threads": torch.get_num_threads(),
+        )),
         "estimate": True,
         "roofline": params.to_dict(),
     }

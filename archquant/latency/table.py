@@ -14,14 +14,32 @@ from pathlib import Path
 from typing import Any
 
 from archquant.latency.signatures import KINDS, SIGNATURE_KEYS, signature_key
-from archquant.utils.io import atomic_write_json
+from archquant.utils.env import device_name, now, versions
 from archquant.utils.errors import UserError
+from archquant.utils.io import atomic_write_json
 
 TABLE_VERSION = 1
 REQUIRED_KINDS = ("linear", "attention", "norm", "embedding", "lm_head")
 # Kinds a table may leave out (a table made by another engine's profiler): they then cost 0 ms.
 OPTIONAL_KINDS = ("act", "overhead")
 
+
+
+def base_header(space, backend, scenario, device: str, method: str) -> dict[str, Any]:
+    """What every table header records: device, backend, workload, model dimensions, software, date, method,
+    threads (the profilers add what their measurement needs)."""
+    import torch
+
+    return {
+        "device": device_name(device),
+        "backend": backend.name,
+        **scenario.header(),
+        "model": dict(space.fingerprint),
+        "versions": versions(),
+        "date": now(),
+        "method": method,
+        "threads": torch.get_num_threads(),
+    }
 
 class TableError(UserError, ValueError):
     """A latency table that is malformed, of another version, or lacks an entry a lookup needs."""

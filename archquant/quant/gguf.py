@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from archquant.utils.errors import UserError
 
 BLOCK = 32  # QK8_0 = QK4_0 = QK4_1 = 32 in ggml

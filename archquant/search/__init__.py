@@ -1,8 +1,8 @@
 """The search: objective, temperature schedule, entropy pruner, search loop, Pareto front and SLO pick."""
 
+from archquant.latency.measure import LatencyMeasurement, measure_latency, register_latency_meter
 from archquant.search.budget import BudgetError, FeasibleRange, check_budget, feasible_range, repair_to_budget
 from archquant.search.loop import ArchSearch, SearchResult, SearchSetupError, run_search
-from archquant.latency.measure import LatencyMeasurement, measure_latency, register_latency_meter
 from archquant.search.objective import hinge_penalty, kd_loss
 from archquant.search.pareto import ParetoPoint, collect_runs, load_points, non_dominated
 from archquant.search.pick import PickResult, pick_point

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
+from archquant.core.arch import Arch
 from archquant.search.budget import Repair, argmax_choices, repair_to_budget
 from archquant.search.objective import hinge_penalty, kd_loss, next_token_ce
 from archquant.search.pruner import EntropyPruner
 from archquant.search.result import SearchResult
 from archquant.search.schedule import penalty_scale, temperature
 from archquant.search.teacher import TeacherTargets
-from archquant.core.arch import Arch
 from archquant.supernet.linear import ElasticLinear
 from archquant.training.loop import FabricLoop
 from archquant.utils.errors import UserError

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from archquant.backends import Backend, get_backend
+from archquant.core.space import SpaceConfig, SpaceError, resolve_space
 from archquant.supernet.attention import ElasticAttention
 from archquant.supernet.block import SuperBlock
 from archquant.supernet.importance import Importance, depth_logits, load_or_compute
@@ -24,7 +25,6 @@ from archquant.supernet.model import ElasticEmbedding, Supernet
 from archquant.supernet.norm import ElasticRMSNorm
 from archquant.supernet.permute import make_permutation, permute_state
 from archquant.supernet.quant import act_classes, check_backend_bits
-from archquant.core.space import SpaceConfig, SpaceError, resolve_space
 
 
 class UnsupportedModelError(SpaceError):

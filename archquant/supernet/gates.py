@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+
 from archquant.utils.errors import UserError
 
 

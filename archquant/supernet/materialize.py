@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from archquant.core.arch import Arch
 from archquant.models.auto import register_auto_classes
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
-from archquant.core.arch import Arch
 from archquant.supernet.attention import attention_index
 from archquant.supernet.model import Supernet
 

@@ -24,11 +24,11 @@ from torch import nn
 
 from archquant.backends import Backend
 from archquant.core.arch import Arch, ArchError
+from archquant.core.space import Space
 from archquant.supernet.block import SuperBlock
 from archquant.supernet.gates import GateError, GateSet
 from archquant.supernet.masks import expected, width_table
 from archquant.supernet.quant import mixed_act, onehot_index
-from archquant.core.space import Space
 
 STATE_VERSION = 1
 LAYER_KEYS = ("kv_groups", "q_per_group", "head_dim", "mlp", "keep", "abits")

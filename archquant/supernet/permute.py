@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from archquant.supernet.importance import Importance
 from archquant.core.space import Space
+from archquant.supernet.importance import Importance
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from archquant.utils.io import atomic_write_bytes
 from archquant.utils.errors import UserError
+from archquant.utils.io import atomic_write_bytes
 
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from archquant.kernels.codes import load_codes
-from archquant.quant.reference import quantize_act
 from archquant.kernels.wq_matmul.kernel import _block_k, check_operands
+from archquant.quant.reference import quantize_act
 
 
 @triton.jit
