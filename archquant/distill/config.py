@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from archquant.core.linears import LINEARS
+
 
 @dataclass
 class LoraConfig:
@@ -19,14 +21,14 @@ class LoraConfig:
     enabled: bool = False
     rank: int = 8
     alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[str] = field(default_factory=lambda: list(LINEARS))
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise ValueError(f"distill.lora.rank must be > 0, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"distill.lora.alpha must be > 0, got {self.alpha}")
-        bad = [t for t in self.targets if t not in ("q", "k", "v", "o", "gate", "up", "down")]
+        bad = [t for t in self.targets if t not in LINEARS]
         if bad or not self.targets:
             raise ValueError(f"distill.lora.targets must be a non-empty subset of q,k,v,o,gate,up,down, got {list(self.targets)}")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from archquant.backends import Backend, get_backend
+from archquant.core.linears import MODULE_PATHS, NORM_PATHS
 from archquant.core.space import SpaceConfig, SpaceError, resolve_space
 from archquant.supernet.attention import ElasticAttention
 from archquant.supernet.block import SuperBlock
@@ -41,8 +42,7 @@ def check_model(model) -> None:
         )
     layer = model.model.layers[0]
     missing = []
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+    for name in (*MODULE_PATHS.values(), *NORM_PATHS):
         try:
             layer.get_submodule(name)
         except AttributeError:

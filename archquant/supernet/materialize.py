@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from archquant.core.arch import Arch
+from archquant.core.linears import ATTN_LINEARS, MLP_LINEARS
 from archquant.models.auto import register_auto_classes
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
 from archquant.supernet.attention import attention_index
@@ -33,8 +34,8 @@ def subnet_config(sn: Supernet, arch: Arch) -> ArchQuantConfig:
             rope_index.append(perm[: fp["head_dim"] // 2][: hd // 2].tolist())
     blk0 = sn.layers[0]
     bias = {
-        **{k: getattr(blk0.self_attn, f"{k}_proj").bias is not None for k in ("q", "k", "v", "o")},
-        **{k: getattr(blk0.mlp, f"{k}_proj").bias is not None for k in ("gate", "up", "down")},
+        **{k: getattr(blk0.self_attn, f"{k}_proj").bias is not None for k in ATTN_LINEARS},
+        **{k: getattr(blk0.mlp, f"{k}_proj").bias is not None for k in MLP_LINEARS},
     }
     tie = bool(fp["tie_word_embeddings"]) and arch.lm_head_bits >= 16
     rope_parameters = getattr(base, "rope_parameters", None)

@@ -24,6 +24,7 @@ from torch import nn
 
 from archquant.backends import Backend
 from archquant.core.arch import Arch, ArchError
+from archquant.core.linears import ATTN_LINEARS
 from archquant.core.space import Space
 from archquant.supernet.block import SuperBlock
 from archquant.supernet.gates import GateError, GateSet
@@ -32,7 +33,6 @@ from archquant.supernet.quant import mixed_act, onehot_index
 
 STATE_VERSION = 1
 LAYER_KEYS = ("kv_groups", "q_per_group", "head_dim", "mlp", "keep", "abits")
-ATTN_LINEARS = ("q", "k", "v", "o")
 MODES = ("vectorized", "naive")
 
 
