@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 
+_CHUNK = 1 << 16  # weights per chunk of the importance-weighted search
+
+
 def _impl(qtype: str):
     return legacy if qtype in LEGACY_TYPES else kquants
 
@@ -80,7 +83,14 @@ def quantize(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None
     imp = None
     if importance is not None:
         imp = importance.detach().float().reshape(b.shape[-2:]).clamp(min=0)
-    parts = _impl(qtype).quantize_blocks(b, qtype, imp)
+    impl = _impl(qtype)
+    if imp is None:
+        parts = impl.quantize_blocks(b, qtype, None)
+    else:  # the search makes ~100 passes: rows in cache-sized chunks are several times faster on big tensors
+        rows = b.reshape(-1, *b.shape[-2:])
+        step = max(1, _CHUNK // b.shape[-2:].numel())
+        chunks = [impl.quantize_blocks(rows[i : i + step], qtype, imp) for i in range(0, rows.shape[0], step)]
+        parts = {k: torch.cat([c[k] for c in chunks]).reshape(*b.shape[:-2], *chunks[0][k].shape[1:]) for k in chunks[0]}
     out = {k: (v.reshape(w.shape) if k == "q" else v.squeeze(-1) if v.shape[-1] == 1 else v) for k, v in parts.items()}
     return out
 
