@@ -116,9 +116,9 @@ def test_q8_k_activation_matches_quantize_row_q8_k():
             if float(blk[i]) == 0:
                 assert float(d[r, b]) == 0 and not q[r, 256 * b : 256 * b + 256].any()
                 continue
-            iscale = torch.tensor(-127.0) / blk[i]
+            iscale = torch.div(torch.tensor(-127.0), blk[i])  # C's -127.f / max
             assert torch.equal(q[r, 256 * b : 256 * b + 256], torch.round(iscale * blk).clamp(max=127))
-            assert float(d[r, b]) == float(1 / iscale)
+            assert float(d[r, b]) == float(torch.div(torch.tensor(1.0), iscale))
     xa = quant.act_as_type(x, "Q4_K")
     assert torch.equal(xa, (d[..., None] * q.reshape(3, 2, 256)).reshape(3, 512))
     assert (xa - x).abs().max() <= x.abs().max() / 127 * 0.51

@@ -50,7 +50,8 @@ def quantize_act_q8k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b = _act_blocks(x, QK_K, "Q8_K activation")
     mx = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True))
-    iscale = torch.where(mx == 0, torch.zeros_like(mx), -127.0 / torch.where(mx == 0, torch.ones_like(mx), mx))
+    # torch.div, not ``-127.0 / mx``: a scalar over a tensor is reciprocal-then-multiply, two roundings
+    iscale = torch.where(mx == 0, torch.zeros_like(mx), torch.div(torch.full_like(mx, -127.0), torch.where(mx == 0, torch.ones_like(mx), mx)))
     q = torch.round(iscale * b).clamp(max=127)  # nearest_int: the 1.5 * 2^23 trick rounds half to even
     return q.reshape(x.shape), recip(iscale).squeeze(-1)
 
