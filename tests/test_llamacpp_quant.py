@@ -55,8 +55,10 @@ def test_quantised_codes_have_the_documented_ranges():
 def test_row_length_must_be_a_multiple_of_the_block():
     with pytest.raises(quant.GGUFTypeError, match="multiple of 32"):
         quant.quantize(torch.randn(4, 48), "Q4_0")
-    with pytest.raises(quant.GGUFTypeError, match="not supported"):
+    with pytest.raises(quant.GGUFTypeError, match="multiple of 256"):
         quant.weight_as_type(torch.randn(4, 64), "Q4_K")
+    with pytest.raises(quant.GGUFTypeError, match="not supported"):
+        quant.weight_as_type(torch.randn(4, 64), "Q7_X")
 
 
 def test_activation_q8_matches_ggml_x86_formula():

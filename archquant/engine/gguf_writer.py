@@ -292,8 +292,8 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
                               f"(decision layers.{sources[i]}.wbits)")
             qtype = types[b]
             k = w[lin].shape[1]
-            if qtype in quant.QUANT_TYPES and k % quant.BLOCK:
-                raise fail(i, f"{lin} row length {k} is not a multiple of {qtype}'s block of {quant.BLOCK} "
+            if qtype in quant.QUANT_TYPES and k % quant.block_size(qtype):
+                raise fail(i, f"{lin} row length {k} is not a multiple of {qtype}'s block of {quant.block_size(qtype)} "
                               f"(decision {ROW_DECISION[lin]} of layer {sources[i]}); search with backend=llamacpp, "
                               "whose space only has multiples of 32")
             ltypes[lin] = qtype
@@ -309,8 +309,8 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
         raise GGUFExportError(f"lm_head has {lm_bits}-bit weights; GGUF types exist for {sorted(types)} (decision lm_head.wbits)")
     embd_type = types[16]
     out_type = types[lm_bits]
-    if out_type in quant.QUANT_TYPES and hidden % quant.BLOCK:
-        raise GGUFExportError(f"lm_head row length {hidden} is not a multiple of {quant.BLOCK} (decision hidden)")
+    if out_type in quant.QUANT_TYPES and hidden % quant.block_size(out_type):
+        raise GGUFExportError(f"lm_head row length {hidden} is not a multiple of {quant.block_size(out_type)} (decision hidden)")
     tied = lm_head.weight.data_ptr() == embd.data_ptr() and out_type == embd_type
     uniform = len({(lp.n_head, lp.n_head_kv, lp.n_ff) for lp in plans}) == 1 and len(plans) == n_src
     if arch is None:
