@@ -90,7 +90,7 @@ def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | N
             log.exception("distillation failed")
             notes["distill"] = f"failed: {type(err).__name__}: {err}"
             model = None
-    if model is None:
+    if model is None and (cfg.run.export or cfg.run.evaluate):
         model = session.materialize(arch)
     if not cfg.run.export:
         notes["export"] = "skipped (run.export=false)"
