@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,15 @@ def test_bad_limit_and_task():
         load_benchmark("piqa", limit=0)
     with pytest.raises(ValueError, match="unknown task 'piqaa'"):
         load_benchmark("piqaa")
+
+
+def test_the_default_data_root_is_beside_the_checkout_whatever_the_working_folder(tmp_path, monkeypatch):
+    import archquant
+    from archquant.utils.paths import DATA_ENV, default_data_root
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    checkout = Path(archquant.__file__).resolve().parents[1]
+    beside, inside = checkout.parent / "shared" / "data", checkout / "shared" / "data"
+    expected = beside if beside.is_dir() or not inside.is_dir() else inside
+    assert default_data_root() == expected

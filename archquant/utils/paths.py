@@ -28,7 +28,7 @@ def default_data_root() -> Path:
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # archquant/utils/paths.py -> the checkout
     for candidate in (repo.parent / "shared" / "data", repo / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
             return candidate
