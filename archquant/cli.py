@@ -47,6 +47,9 @@ def _entry(command: str) -> None:
     if not CONFIG_DIR.is_dir():
         _fail(command, f"config folder {CONFIG_DIR} is missing; install archquant from its source tree (pip install -e .)")
     register_configs()
+    if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+        # run folders are named after the command (outputs/archquant-search/<date>), not after this module
+        sys.argv.append(f"hydra.job.name=archquant-{command}")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def _main(cfg: DictConfig) -> None:

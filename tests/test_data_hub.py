@@ -18,6 +18,7 @@ import pytest
 from archquant.commands import data as data_cmd
 from archquant.data import DataConfig, DataFileNotFoundError, data_root, hub, load_benchmark, resolve_data_path
 from archquant.data.hub import HUB_FILES, HubFile, derived_hellaswag_text, hub_content, local_rows
+from archquant.utils.errors import EXIT_USER_ERROR
 
 SHARED = data_root(DataConfig())
 
@@ -253,7 +254,7 @@ def test_pull_cli(fake_hub, tmp_path, capsys):
         "hub_sources.json", "piqa/validation.jsonl", "wikitext2_raw/test.txt", "wikitext2_raw/train.txt"]
     assert f"data.root={tmp_path / 'd'}" in capsys.readouterr().out
     fake_hub["state"]["error"] = ConnectionError("Couldn't reach the Hub")
-    assert data_cmd.main(["pull", str(tmp_path / "e"), "--tasks", "boolq"]) == 1
+    assert data_cmd.main(["pull", str(tmp_path / "e"), "--tasks", "boolq"]) == EXIT_USER_ERROR
     assert "Couldn't reach the Hub" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         data_cmd.main(["pull", str(tmp_path / "e"), "--tasks", "squad"])

@@ -148,3 +148,22 @@ def test_command_line_bad_input_prints_one_line(tmp_path):
     assert proc.returncode != 0
     assert "eval.limit must be > 0" in proc.stderr and "Traceback" not in proc.stderr
     assert not (Path(tmp_path) / "eval.json").exists()
+
+
+def test_commands_name_a_missing_arch_or_an_existing_export_in_one_line(tmp_path, capsys):
+    """Missing and existing files are bad input too: exit 2 and the file named, no traceback."""
+    from archquant.config import Config
+    from archquant.distill.config import DistillConfig
+    from archquant.export.config import ExportConfig
+
+    for verb, cfg, needle in (
+        ("distill", Config(model=ModelConfig(name="tiny-llama"), distill=DistillConfig(arch=str(tmp_path / "no.json")),
+                           out_dir=str(tmp_path / "d")), "no.json"),
+        ("export", Config(model=ModelConfig(name="tiny-llama"), export=ExportConfig(arch=str(tmp_path / "no.json")),
+                          out_dir=str(tmp_path / "e")), "no.json"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            run_verb(verb, cfg)
+        assert err.value.code == EXIT_USER_ERROR
+        text = capsys.readouterr().err
+        assert "Traceback" not in text and needle in text.strip().splitlines()[-1]

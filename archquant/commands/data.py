@@ -23,6 +23,7 @@ from archquant.data.errors import DataFormatError, HubUnavailableError
 from archquant.data.files import file_sha256
 from archquant.data.hub import HUB_FILES, SAMPLE_SEED, full_file, write_hub_file
 from archquant.utils.env import now
+from archquant.utils.errors import EXIT_USER_ERROR
 from archquant.utils.io import atomic_write_json
 
 MANIFEST = "hub_sources.json"  # per file: hub id, config, split, sample, rows, sha256
@@ -83,7 +84,7 @@ def pull(out_dir: str | Path, tasks: Sequence[str] = TASKS, *, force: bool = Fal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``archquant-data pull <dir> [--tasks ...] [--force]``; exit status 1 with one message on failure."""
+    """``archquant-data pull <dir> [--tasks ...] [--force]``; exit status 2 (bad input or no hub) with one message."""
     parser = argparse.ArgumentParser(prog="archquant-data", description="Prepare the data files for an offline machine.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pull", help="write the data files from the Hugging Face Hub into a folder (the local layout)")
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = pull(args.dir, args.tasks, force=args.force)
     except (HubUnavailableError, DataFormatError) as err:
         print(f"archquant-data pull: {err}. Run it where the Hugging Face Hub is reachable (and HF_HUB_OFFLINE is unset).", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     print(f"{len(manifest['files'])} files in {args.dir}; offline: data.root={args.dir} (or ARCHQUANT_DATA={args.dir})")
     return 0
 

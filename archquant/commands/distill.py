@@ -39,10 +39,14 @@ _IDENTITY_IGNORE = ("distill.checkpoint_every", "distill.keep_checkpoints", "dis
                     "distill.output")
 
 
-def distill_identity(cfg) -> dict[str, Any]:
+def distill_identity(cfg, arch: Arch) -> dict[str, Any]:
+    """The settings a distillation checkpoint must agree with on resume: the config that shapes the trajectory
+    and the subnet itself (a checkpoint of another subnet is refused, whatever file its arch came from)."""
     ident = config_identity({"distill": cfg.distill, "model": cfg.model, "data": cfg.data, "space": cfg.space,
                              "backend": cfg.latency.backend})
-    return {k: v for k, v in ident.items() if not any(k == p or k.startswith(p + ".") for p in _IDENTITY_IGNORE)}
+    ident = {k: v for k, v in ident.items() if not any(k == p or k.startswith(p + ".") for p in _IDENTITY_IGNORE)}
+    ident.pop("distill.arch", None)  # the path may move; the subnet it names is compared below
+    return {**ident, "subnet": json.dumps(arch.to_dict(), sort_keys=True)}
 
 
 def _ppl_text(model, tokenizer, cfg) -> dict[str, Any] | None:
@@ -86,7 +90,7 @@ def distill_subnet(cfg, *, session: Session | None = None, arch: Arch | None = N
     val = session.teacher_targets("val", dc.teacher_topk, dc.kd_temperature)
     if dc.lora.enabled:
         student = add_lora(student, dc.lora.rank, dc.lora.alpha, list(dc.lora.targets))
-    loop = DistillLoop(fabric, student, targets, dc, run_dir, identity=distill_identity(cfg),
+    loop = DistillLoop(fabric, student, targets, dc, run_dir, identity=distill_identity(cfg, arch),
                        teacher=session.model if dc.hidden_weight > 0 else None, val=val, progress=progress)
     before = {"heldout": loop.evaluate(), "text": _ppl_text(student, session.tokenizer, cfg)}
     loop.prepare(resume)

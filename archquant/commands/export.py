@@ -21,7 +21,7 @@ from archquant.commands.distill import load_distilled
 from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.export.packed import load, load_tokenizer, save
-from archquant.utils.errors import MissingFileError
+from archquant.utils.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,11 @@ def export_model(cfg, session: Session, model: nn.Module, arch: Arch, *, tokeniz
     prediction for ``arch``.
     """
     ec = cfg.export
-    record = {**(extra or {}), "latency": session.predicted(arch), **_source_record(cfg)}
+    try:
+        latency = session.predicted(arch)
+    except UserError as err:  # no usable table must not block an export: the record says why there is no figure
+        latency = {"error": f"{type(err).__name__}: {err}"}
+    record = {**(extra or {}), "latency": latency, **_source_record(cfg)}
     formats = ec.resolved_formats(cfg.latency.backend, cfg.latency.device)
     gguf_options = {}
     if "gguf" in formats and session.gguf_source() is not None:

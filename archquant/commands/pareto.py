@@ -131,7 +131,7 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
     if not cfg.pareto.runs and not cfg.pareto.baselines:
         raise UserError(
             "pareto.runs is empty: pass the search folders to collect, e.g. "
-            "archquant-pareto 'pareto.runs=[multirun/search/2026-01-01_12-00-00]'"
+            "archquant-pareto 'pareto.runs=[multirun/archquant-search/2026-01-01_12-00-00]'"
         )
     points = collect_runs(cfg.pareto.runs)
     for path in cfg.pareto.baselines:  # a baseline's figures are its own: no twin link from the file it came from

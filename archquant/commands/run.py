@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.evaluation import evaluate
 from archquant.search.pareto import ParetoPoint
+from archquant.training.checkpoint import ResumeMismatchError
 from archquant.utils.env import run_header
 from archquant.utils.errors import EXIT_OK, EXIT_SLO_UNMET, UserError
 from archquant.utils.io import atomic_write_json
@@ -57,6 +59,17 @@ def _stage(n: int, total: int, what: str) -> None:
     log.info("==== [%d/%d] %s", n, total, what)
 
 
+def _distill(cfg, session: Session, arch: Arch, folder: Path):
+    """Distil ``arch`` into ``folder``, continuing its checkpoint when it is one of this subnet's."""
+    if (folder / "checkpoints").is_dir():
+        try:
+            return distill_subnet(cfg, session=session, arch=arch, out_dir=folder, resume=True)
+        except ResumeMismatchError as err:  # an interrupted distillation of the point picked before a re-timing
+            log.warning("%s: %s; distilling afresh", folder, err)
+            shutil.rmtree(folder)
+    return distill_subnet(cfg, session=session, arch=arch, out_dir=folder, resume=False)
+
+
 def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | None):
     """Distil the chosen subnet and export it inside the run folder.
 
@@ -80,10 +93,14 @@ def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | N
         done = folder / cfg.distill.output
         try:
             if (done / "distill.json").exists():
-                model, _, record = load_distilled(done)
-            else:
-                record, model = distill_subnet(cfg, session=session, arch=arch, out_dir=folder,
-                                               resume=(folder / "checkpoints").is_dir())
+                model, done_arch, record = load_distilled(done)
+                if done_arch.to_dict() != arch.to_dict():  # a resume re-timed the front and picked another point
+                    log.warning("%s holds a distillation of another subnet (%s): distilling %s afresh", folder,
+                                done_arch.summary(), chosen.name)
+                    shutil.rmtree(folder)
+                    model = None
+            if model is None:
+                record, model = _distill(cfg, session, arch, folder)
             extra["distill"] = {k: record.get(k) for k in ("steps", "tokens_seen", "before", "after", "folder")}
             notes["distill"] = f"done: {done}"
         except Exception as err:  # noqa: BLE001 - later stages still run; the record says what failed

@@ -33,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Session:
     """The loaded pieces shared by every stage of a command.
 
-    Build with ``Session.load(cfg)``; calibration targets and supernets are made on first use.
+    Build with ``Session.load(cfg)``; the latency model, calibration targets and supernets are made on first use.
     """
 
     cfg: Any
@@ -41,7 +41,7 @@ class Session:
     tokenizer: Any
     backend: Backend
     space: Space
-    latency_model: Any
+    _latency_model: Any = field(default=None, repr=False)
     _targets: tuple[TeacherTargets, TeacherTargets] | None = field(default=None, repr=False)
     _calib_ids: torch.Tensor | None = field(default=None, repr=False)
     _materializer: Any = field(default=None, repr=False)
@@ -56,10 +56,17 @@ class Session:
         backend = get_backend(cfg.latency.backend)
         # the same resolution ``supernet.build`` applies, so budgets are checked against the searched space
         space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
-        lm = load_table_for(cfg.latency, space, backend)
         log.info("space:\n%s", space.describe())
-        log.info("%s", lm.describe())
-        return cls(cfg=cfg, model=model, tokenizer=tokenizer, backend=backend, space=space, latency_model=lm)
+        return cls(cfg=cfg, model=model, tokenizer=tokenizer, backend=backend, space=space)
+
+    @property
+    def latency_model(self):
+        """The latency model of ``latency.*`` for the session's space, read on first use (distillation never
+        needs one; a search, the Pareto stage and an export's record do)."""
+        if self._latency_model is None:
+            self._latency_model = load_table_for(self.cfg.latency, self.space, self.backend)
+            log.info("%s", self._latency_model.describe())
+        return self._latency_model
 
     # ---- budgets -------------------------------------------------------------------------------
     def where(self) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from archquant.core.space import LINEARS, Space
-from archquant.utils.errors import UserError
+from archquant.utils.errors import MissingFileError, UserError
 
 ARCH_VERSION = 1
 
@@ -197,7 +197,7 @@ class Arch:
     def load(cls, path: str | Path) -> Arch:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"arch file {path} does not exist (pass the arch.json written by archquant-search)")
+            raise MissingFileError(f"arch file {path} does not exist (pass the arch.json written by archquant-search)")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -13,6 +13,7 @@ from archquant.data.config import DEFAULT_TASK_FILES, DataConfig
 from archquant.data.errors import DataFormatError
 from archquant.data.files import resolve_data_path
 from archquant.data.hub import set_datasets_offline
+from archquant.utils.errors import InputError, MissingFileError
 from archquant.utils.paths import cache_dir
 
 TASKS = tuple(DEFAULT_TASK_FILES)
@@ -119,12 +120,12 @@ def load_benchmark(task: str, data_cfg: DataConfig | None = None, *, limit: int 
         A ``datasets.Dataset`` (row order of the file).
     """
     if task not in SCHEMAS:
-        raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+        raise InputError(f"unknown task {task!r}; known: {list(TASKS)}")
     if limit is not None and limit <= 0:
-        raise ValueError(f"eval.limit must be > 0 (or null for all examples), got {limit}")
+        raise InputError(f"eval.limit must be > 0 (or null for all examples), got {limit}")
     file = Path(path) if path is not None else resolve_data_path(data_cfg, f"task_files.{task}")
     if path is not None and not file.is_file():
-        raise FileNotFoundError(f"{task}: benchmark file {file} not found; set data.task_files.{task}=/path/to/file")
+        raise MissingFileError(f"{task}: benchmark file {file} not found; set data.task_files.{task}=/path/to/file")
     set_datasets_offline(data_cfg)
     import datasets
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from archquant.utils.errors import UserError
+from archquant.utils.errors import MissingFileError, UserError
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -145,7 +145,7 @@ def read_header(path: str | Path) -> tuple[dict[str, GGUFField], tuple[GGUFTenso
     """Metadata fields and tensor infos of a GGUF (cached per path, size and modification time)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"GGUF {p} does not exist")
+        raise MissingFileError(f"GGUF {p} does not exist")
     st = p.stat()
     return _read_header_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from archquant.engine.gguf_reader import check_gguf
-from archquant.utils.errors import UserError
+from archquant.utils.errors import MissingFileError, UserError
 from archquant.utils.manifest import verify_file
 
 INSTALL_HINT = (
@@ -99,7 +99,7 @@ class LlamaCppRunner:
 
         self.path = Path(gguf_path)
         if not self.path.exists():
-            raise FileNotFoundError(f"GGUF {self.path} does not exist (export one with archquant-export format=gguf)")
+            raise MissingFileError(f"GGUF {self.path} does not exist (export one with archquant-export format=gguf)")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if verify:

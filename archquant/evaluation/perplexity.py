@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from archquant.data.calibration import encode_text, token_stream
 from archquant.evaluation.loglik import forward_logits, model_device, scoring_mode
+from archquant.utils.errors import InputError, MissingFileError
 
 
 def _tokens(tokenizer, text_or_path: str | Path) -> tuple[torch.Tensor, str]:
     if isinstance(text_or_path, Path):
         if not text_or_path.is_file():
-            raise FileNotFoundError(f"perplexity text {text_or_path} not found; set data.ppl_file=/path/to/file")
+            raise MissingFileError(f"perplexity text {text_or_path} not found; set data.ppl_file=/path/to/file")
         return token_stream(tokenizer, text_or_path), str(text_or_path)
     # a short one-line string naming an existing file is a path; anything else is the text itself
     if "\n" not in text_or_path and len(text_or_path) < 4096 and Path(text_or_path).expanduser().is_file():
@@ -64,7 +65,7 @@ def perplexity(
     ids, source = _tokens(tokenizer, text_or_path)
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of eval.ppl_seq_len={seq_len}")
+        raise InputError(f"the text has {ids.numel()} tokens, fewer than one window of eval.ppl_seq_len={seq_len}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [W, seq_len]

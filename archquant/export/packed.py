@@ -40,7 +40,7 @@ from archquant.core.layout import model_layout
 from archquant.export.remote_code.render import modeling_source
 from archquant.kernels.qlinear import QuantLinear, _resolve_backend
 from archquant.kernels.swap import linear_module_names, to_runtime
-from archquant.utils.errors import UserError
+from archquant.utils.errors import ExistingFileError, UserError
 from archquant.utils.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 
 EXPORT_FORMAT_VERSION = 1
@@ -168,7 +168,7 @@ def commit_folder(tmp: Path, path: Path, overwrite: bool) -> None:
         p.chmod(0o755 if p.is_dir() else 0o644)
     if path.exists():
         if not overwrite:
-            raise FileExistsError(f"{path} already exists; choose another export.out or pass export.overwrite=true")
+            raise ExistingFileError(f"{path} already exists; choose another export.out or pass export.overwrite=true")
         trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, trash / "old")
         os.replace(tmp, path)
@@ -232,7 +232,7 @@ def save(
         arch.check_model(base)
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another export.out or pass export.overwrite=true")
+        raise ExistingFileError(f"{path} already exists; choose another export.out or pass export.overwrite=true")
     layout = model_layout(model.config)
     packed_backend, same_engine = packed_backend_name(layout.backend)
     packed = pack_model(model, float_dtype=float_dtype, paths=paths)

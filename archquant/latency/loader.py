@@ -24,6 +24,7 @@ from archquant.latency.roofline import load_roofline, measure_roofline, roofline
 from archquant.latency.scenario import Scenario
 from archquant.latency.table import LatencyTable, TableError
 from archquant.utils.env import device_name, versions
+from archquant.utils.errors import MissingFileError
 from archquant.utils.paths import cache_dir
 
 TABLES_ENV = "ARCHQUANT_LATENCY_TABLES"
@@ -120,7 +121,7 @@ def roofline_params(device: str = "cpu", root: Path | None = None):
     if pinned:
         params = load_roofline(pinned)
         if params is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"${ROOFLINE_ENV}={pinned} is not a roofline file of this version (write one with "
                 "archquant-profile, or unset the variable to measure this machine)"
             )

@@ -15,7 +15,7 @@ from typing import Any
 
 from archquant.latency.signatures import KINDS, SIGNATURE_KEYS, signature_key
 from archquant.utils.env import device_name, now, versions
-from archquant.utils.errors import UserError
+from archquant.utils.errors import MissingFileError, UserError
 from archquant.utils.io import atomic_write_json
 
 TABLE_VERSION = 1
@@ -105,7 +105,7 @@ class LatencyTable:
     def load(cls, path: str | Path) -> LatencyTable:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"latency table {path} does not exist; make it with archquant-profile")
+            raise MissingFileError(f"latency table {path} does not exist; make it with archquant-profile")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from archquant.utils.errors import MissingFileError
 from archquant.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def collect_runs(folders: list[str | Path]) -> list[ParetoPoint]:
     for folder in folders:
         folder = Path(folder)
         if not folder.exists():
-            raise FileNotFoundError(f"pareto.runs: {folder} does not exist")
+            raise MissingFileError(f"pareto.runs: {folder} does not exist")
         for rec in sorted(folder.rglob("search.json")):
             if (rec.parent / "arch.json").exists():
                 points.append(point_from_run(rec.parent))
@@ -162,7 +163,7 @@ def load_points(path: str | Path) -> list[ParetoPoint]:
     if path.is_dir():
         path = path / "pareto.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (write one with archquant-pareto)")
+        raise MissingFileError(f"{path} does not exist (write one with archquant-pareto)")
     d = json.loads(path.read_text())
     return [ParetoPoint.from_dict(p) for p in d["points"]]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archquant.search.pareto import ParetoPoint, metric_of, resolve_metric
+from archquant.utils.errors import InputError
 
 
 @dataclass
@@ -124,11 +125,11 @@ def pick_point(points: list[ParetoPoint], slo_ms: float, metric: str = "auto") -
         ValueError: ``slo_ms`` not > 0, or no point has both a latency and the metric.
     """
     if not slo_ms > 0:
-        raise ValueError(f"slo.latency_ms must be > 0, got {slo_ms}")
+        raise InputError(f"slo.latency_ms must be > 0, got {slo_ms}")
     metric = resolve_metric(points, metric)
     valid = [p for p in points if p.latency_ms is not None and metric_of(p, metric) is not None]
     if not valid:
-        raise ValueError(f"no point has both a latency and a {metric} value to pick by")
+        raise InputError(f"no point has both a latency and a {metric} value to pick by")
 
     def by_quality(p):
         return metric_of(p, metric), p.latency_ms

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from archquant.utils.errors import UserError
+from archquant.utils.errors import MissingFileError, UserError
 from archquant.utils.io import atomic_write_bytes
 
 CHECKPOINT_VERSION = 1
@@ -99,7 +99,7 @@ class CheckpointManager:
         """
         path = Path(path) if path is not None else self.latest()
         if path is None or not path.exists():
-            raise FileNotFoundError(f"no checkpoint (step-*.ckpt) in {self.folder}")
+            raise MissingFileError(f"no checkpoint (step-*.ckpt) in {self.folder}")
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("version") != CHECKPOINT_VERSION:
             raise ResumeMismatchError(

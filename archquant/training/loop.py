@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from archquant.training.checkpoint import CheckpointManager
-from archquant.utils.errors import UserError
+from archquant.utils.errors import ExistingFileError, MissingFileError, UserError
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -103,13 +103,13 @@ class FabricLoop:
         latest = self.ckpt.latest()
         if not resume:
             if latest is not None:
-                raise FileExistsError(
+                raise ExistingFileError(
                     f"{self.out_dir} already holds checkpoints ({latest.name}); pass resume={self.out_dir} to "
                     "continue that run, or choose a fresh folder"
                 )
             return
         if latest is None:
-            raise FileNotFoundError(f"resume={self.out_dir}: no checkpoint (checkpoints/step-*.ckpt) to resume from")
+            raise MissingFileError(f"resume={self.out_dir}: no checkpoint (checkpoints/step-*.ckpt) to resume from")
         step, state = self.ckpt.load(latest)
         self.load_state_dict(state["loop"])
         self.step, self.stop_reason, self._saved_step = step, state.get("stop_reason"), step

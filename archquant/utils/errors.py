@@ -24,3 +24,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ExistingFileError(UserError, FileExistsError):
     """An output would overwrite something the user did not allow to be overwritten."""
+
+
+class InputError(UserError, ValueError):
+    """A value the user gave (a config key, an SLO, a task name) that cannot be used as it is."""

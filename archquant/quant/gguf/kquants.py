@@ -23,7 +23,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from archquant.quant.gguf.fit import IQ4_VALUES, Grid, fp16, ident, recip, search_affine, search_sym, signed_absmax, snap_sym, werr
+from archquant.quant.gguf.fit import (
+    IQ4_VALUES,
+    Grid,
+    fp16,
+    ident,
+    recip,
+    search_affine,
+    search_sym,
+    signed_absmax,
+    snap_sym,
+    werr,
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from archquant.quant.gguf.fit import IQ4_VALUES, Grid, fp16, recip, round_half_away, search_affine, search_sym, snap_affine, werr
+from archquant.quant.gguf.fit import (
+    IQ4_VALUES,
+    Grid,
+    fp16,
+    recip,
+    round_half_away,
+    search_affine,
+    search_sym,
+    snap_affine,
+    werr,
+)
 
 # symmetric types: code grid (stored code = index into it)
 SYM_GRIDS = {"Q8_0": Grid(-127, 127), "Q5_0": Grid(-16, 15), "Q4_0": Grid(-8, 7), "IQ4_NL": Grid(values=IQ4_VALUES)}
