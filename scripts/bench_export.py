@@ -5,7 +5,7 @@ RSS is that model's), file size, and the latency the table (or roofline estimate
 Writes ``results/bench_export.json`` (``--quick``: ``results/bench_export.quick.json``).
 
     python scripts/bench_export.py --quick                     # smoke check (~1-2 min)
-    python scripts/bench_export.py --arch runs/x/picked_arch.json   # full run on a picked arch
+    python scripts/bench_export.py --arch <run>/searches/latency_13.3287ms/arch.json   # full run on a searched arch
 """
 
 from __future__ import annotations
