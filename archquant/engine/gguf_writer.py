@@ -393,20 +393,18 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _encode(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
-    """Array + raw GGML type (None for float arrays) for ``GGUFWriter.add_tensor``, quantised with gguf's own
-    quantiser."""
+    """Array + raw GGML type (None for float arrays) for ``GGUFWriter.add_tensor``: the very blocks the
+    supernet simulates (``archquant.quant.gguf.pack``; for the types gguf-py quantises, byte-identical to it)."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
 
-    arr = w.detach().float().cpu().numpy()
-    if not np.isfinite(arr).all():
+    w = w.detach().float().cpu()
+    if not torch.isfinite(w).all():
         raise GGUFExportError("a weight tensor holds NaN or inf; refusing to write it")
-    gtype = GGMLQuantizationType[qtype]
     if qtype == "F32":
-        return np.ascontiguousarray(arr), None
+        return np.ascontiguousarray(w.numpy()), None
     if qtype == "F16":
-        return np.ascontiguousarray(arr.astype(np.float16)), None
-    return quantize(arr, gtype), gtype
+        return np.ascontiguousarray(w.numpy().astype(np.float16)), None
+    return quant.pack(w, qtype), GGMLQuantizationType[qtype]
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------
