@@ -9,37 +9,13 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from archquant.cli import CONFIG_DIR
-from archquant.config import register_configs, to_object
+from _tiny import TINY_OVERRIDES, budget_between
+from _tiny import compose_config as _cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-TINY_CUDA = [
-    "model=tiny-llama",
-    "space=tiny",
-    "latency=torch_cpu",
-    "latency.device=cuda",
-    "trainer=gpu",
-    "search=quick",
-    "search.steps=12",
-    "search.checkpoint_every=6",
-    "data.seq_len=32",
-    "data.num_calib_blocks=8",
-    "data.num_val_blocks=2",
-    "logger=none",
-    "eval.ppl_seq_len=64",
-    "eval.ppl_max_windows=2",
-]
+TINY_CUDA = TINY_OVERRIDES + ["latency.device=cuda", "trainer=gpu", "search.steps=12", "search.checkpoint_every=6"]
 
-
-def _cfg(overrides, out_dir):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-        cfg.out_dir = str(out_dir)
-        return to_object(cfg)
 
 
 def test_the_width_prior_lands_on_the_logits_device():
@@ -61,8 +37,7 @@ def session(tmp_path_factory):
 
 
 def _budget(session, frac):
-    rng = session.feasible()
-    return round(rng.min_ms + frac * (rng.max_ms - rng.min_ms), 5)
+    return budget_between(session.feasible(), frac)
 
 
 def test_search_distill_export_and_reload_on_cuda(tmp_path, session):

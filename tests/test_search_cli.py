@@ -13,36 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
+from _tiny import TINY_OVERRIDES as TINY
+from _tiny import budget_between, tiny_feasible
+from _tiny import compose_config as _cfg
 
-from archquant.cli import CONFIG_DIR
-from archquant.config import register_configs, to_object
 from archquant.utils.errors import UserError
-
-TINY = [
-    "model=tiny-llama",
-    "space=tiny",
-    "latency=torch_cpu",
-    "search=quick",
-    "search.steps=40",
-    "search.checkpoint_every=10",
-    "data.seq_len=32",
-    "data.num_calib_blocks=8",
-    "data.num_val_blocks=2",
-    "trainer.num_threads=1",
-    "logger=none",
-    "eval.ppl_seq_len=64",
-    "eval.ppl_max_windows=2",
-]
-
-
-def _cfg(overrides, out_dir):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides))
-        cfg.out_dir = str(out_dir)
-        return to_object(cfg)
 
 
 def _cli(verb: str) -> str:
@@ -54,15 +29,12 @@ def _cli(verb: str) -> str:
 
 @pytest.fixture(scope="module")
 def feasible():
-    """The tiny model's feasible latency range under the torch roofline (so budgets fit any machine)."""
-    from archquant.commands.session import Session
-
-    torch.set_num_threads(1)
-    return Session.load(_cfg(TINY, ".")).feasible()
+    """The tiny model's feasible latency range under the pinned roofline (so budgets fit any machine)."""
+    return tiny_feasible()
 
 
 def _budget(feasible, frac):
-    return round(feasible.min_ms + frac * (feasible.max_ms - feasible.min_ms), 5)
+    return budget_between(feasible, frac)
 
 
 def test_infeasible_budget_is_refused_before_training_with_the_range(tmp_path, feasible, capsys):

@@ -72,6 +72,7 @@ def test_float_dtype_rounds_only_the_16_bit_weights(sn):
     o16, o32 = half.model.layers[0].self_attn.o_proj, full.model.layers[0].self_attn.o_proj
     assert o16.wbits == 16 and o16.weight.dtype == torch.float16
     assert torch.equal(o16.weight, sub.model.layers[0].self_attn.o_proj.weight.half())
+    assert o32.weight.dtype == torch.float32 and torch.equal(o32.weight, sub.model.layers[0].self_attn.o_proj.weight)
     q16, q32 = half.model.layers[0].self_attn.q_proj, full.model.layers[0].self_attn.q_proj
     assert q16.wbits == 4 and torch.equal(q16.qweight, q32.qweight) and torch.equal(q16.scales, q32.scales)
 
