@@ -41,7 +41,7 @@ def _eval_key(cfg) -> dict[str, Any]:
     return {
         "backend": cfg.latency.backend,  # the quantiser the materialised model simulates
         "ppl": [cfg.data.ppl_file, cfg.eval.ppl_seq_len, cfg.eval.ppl_max_windows],
-        "zero_shot": [cfg.pareto.zero_shot, list(cfg.eval.tasks), cfg.eval.limit],
+        "zero_shot": [cfg.pareto.zero_shot, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.engine],
         "device": device_name(cfg.latency.device),
         "cached": "quality",
     }
