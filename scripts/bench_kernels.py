@@ -6,13 +6,16 @@ quantiser format (fp32/bf16 ``F.linear`` on the float weight, torch's per-channe
 ``_weight_int8pack_mm``, fbgemm's per-channel dynamic W8A8), with each path's error against the
 fp32 fake-quant forward. Decode-sized M is timed with a cold cache (see ``path_select``).
 
-CUDA (when present; skipped cleanly otherwise): the Triton GEMV / tiled W8A16 and W4A16 kernels and
-the W8A8 kernel against a torch bf16 matmul and the HBM roofline (bytes moved / measured copy
-bandwidth, and / the device's nominal bandwidth where known).
+CUDA (when present; skipped cleanly otherwise): every QuantLinear path on CUDA (our Triton GEMV /
+tiled kernels, gemlite, torch's tinygemm int4, bf16 over the dequantised weight) against bf16
+``F.linear`` on the float weight and the HBM roofline, the path QuantLinear picks, and a summary of
+the picked path's speedup per (bits, group, M) against the goals (W4 >= 2.5x, W8 >= 1.6x at M <= 16;
+never slower than bf16 at large M). ``--shapes llama8b`` uses Llama-3.1-8B's layers.
 
     python scripts/bench_kernels.py            # full run (CPU: several minutes)
     python scripts/bench_kernels.py --quick    # smoke check: one shape, one M
     python scripts/bench_kernels.py --layers lm_head --m 1 --threads 1   # one targeted row
+    python scripts/bench_kernels.py --skip-cpu --shapes llama8b --groups 64 128 --m 1 4 16 512 2048   # GPU goals
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ SHAPES = {
     "lm_head": (576, 49152),
 }
 GROUP = 64
+# (K, N) of Llama-3.1-8B's linears: hidden 4096, 8 KV heads x 128, MLP 14336, vocab 128256
+SHAPES_8B = {
+    "q/o_proj": (4096, 4096),
+    "k/v_proj": (4096, 1024),
+    "gate/up_proj": (4096, 14336),
+    "down_proj": (14336, 4096),
+    "lm_head": (4096, 128256),
+}
+SHAPE_SETS = {"smollm2": SHAPES, "llama8b": SHAPES_8B}
 # nominal HBM bandwidth (bytes/s) by device-name fragment, for the "vs spec" column only
 NOMINAL_BW = {"h100 nvl": 3.9e12, "h100 pcie": 2.0e12, "h100": 3.35e12, "h200": 4.8e12, "a100": 2.0e12}
 
@@ -118,13 +130,14 @@ def _bandwidth(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)  # read + write
 
 
-def bench_cuda(shapes: dict, ms: list[int], bits_list: list[int]) -> tuple[list[dict], dict]:
-    import triton.testing
+def bench_cuda(shapes: dict, ms: list[int], bits_list: list[int], groups: list[int],
+               save=lambda rows, info: None) -> tuple[list[dict], dict]:
+    """Every CUDA QuantLinear path (ours, gemlite, tinygemm, bf16 over the dequantised weight) vs bf16 ``F.linear``.
 
-    from archquant.kernels.w8a8_matmul.kernel import w8a8_matmul
-    from archquant.kernels.w8a8_matmul.reference import w8a8_matmul_ref
-    from archquant.kernels.wq_matmul.kernel import wq_matmul
-    from archquant.kernels.wq_matmul.reference import wq_matmul_ref
+    Times are GPU time under CUDA-graph replay with the L2 cleared before each call
+    (``path_select.cuda_graph_ms``: a decode step reads every weight from HBM, and a served step pays no
+    Python or launch time); errors are against the fp32 product with the dequantised weight.
+    """
 
     dev = torch.device("cuda")
     bw = _bandwidth(dev)
@@ -135,43 +148,66 @@ def bench_cuda(shapes: dict, ms: list[int], bits_list: list[int]) -> tuple[list[
     print(f"[cuda] {gpu}: copy bandwidth {bw / 1e9:.0f} GB/s (nominal {nominal and nominal / 1e9} GB/s)")
     rows = []
     gen = torch.Generator(device=dev).manual_seed(0)
-    for name, (k, n) in shapes.items():
-        w = torch.randn(n, k, generator=gen, device=dev) * 0.05
-        wb = w.bfloat16()
-        for m in ms:
+    bench = path_select.cuda_graph_ms  # GPU time as a replayed decode graph sees it, L2 cleared before each call
+    weights = {name: (torch.randn(n, k, generator=gen, device=dev) * 0.05).bfloat16() for name, (k, n) in shapes.items()}
+    layers: dict[tuple, QuantLinear] = {}  # quantised once per (layer, bits, group), reused for every M
+    for m in ms:  # decode-sized M first: a run cut short still has them for every shape
+        for name, (k, n) in shapes.items():
+            wb = weights[name]
             x = torch.randn(m, k, generator=gen, device=dev).bfloat16()
-            t_bf16 = triton.testing.do_bench(lambda: F.linear(x, wb))
+            t_bf16 = bench(lambda: F.linear(x, wb))
             for bits in bits_list:
-                ql = QuantLinear.from_float(w, None, wbits=bits, abits=16, group_size=GROUP)
-                qw, s, z = ql.qweight, ql.scales, ql.zeros
-                weight_bytes = n * k * bits / 8 + n * (k // GROUP) * 3
-                moved = weight_bytes + m * k * 2 + m * n * 2
-                roof_ms = moved / bw * 1e3
-                fns = {"triton_tiled": lambda: wq_matmul(x, qw, s, z, bits, GROUP, mode="tiled"),
-                       "triton_w8a8": lambda: w8a8_matmul(x, qw, s, z, bits, GROUP)}
-                if m <= 16:
-                    fns["triton_gemv"] = lambda: wq_matmul(x, qw, s, z, bits, GROUP, mode="gemv")
-                t = {p: triton.testing.do_bench(fn) for p, fn in fns.items()}
-                ref16 = wq_matmul_ref(x, qw, s, z, bits, GROUP).float()
-                ref8 = w8a8_matmul_ref(x, qw, s, z, bits, GROUP).float()
-                errs = {p: _rel_err(fn(), ref8 if p == "triton_w8a8" else ref16) for p, fn in fns.items()}
-                picked = ql.select_path(dev, m, x.dtype)
-                row = {
-                    "device": gpu, "layer": name, "K": k, "N": n, "M": m, "wbits": bits,
-                    "ms": {p: round(v, 5) for p, v in t.items()}, "bf16_linear_ms": round(t_bf16, 5),
-                    "roofline_ms": round(roof_ms, 5),
-                    "nominal_roofline_ms": nominal and round(moved / nominal * 1e3, 5),
-                    "bytes_moved": int(moved),
-                    "frac_of_roofline": {p: round(roof_ms / v, 3) for p, v in t.items()},
-                    "speedup_vs_bf16": {p: round(t_bf16 / v, 3) for p, v in t.items()},
-                    "rel_err_vs_reference": {p: float(f"{e:.3g}") for p, e in errs.items()},
-                    "qlinear_picks": picked,
-                }
-                rows.append(row)
-                shown = " ".join(f"{p}={v:.4f}ms" for p, v in t.items())
-                print(f"[cuda] {name:18s} M={m:5d} W{bits} bf16={t_bf16:.4f}ms roof={roof_ms:.4f}ms {shown}"
-                      f" -> QuantLinear picks {picked}", flush=True)
+                for g in groups:
+                    key = (name, bits, g)
+                    if key not in layers:
+                        layers[key] = QuantLinear.from_float(wb, None, wbits=bits, abits=16, group_size=g)
+                    ql = layers[key]
+                    paths = ql.applicable_paths(dev, x.dtype)
+                    ref = F.linear(x.float(), ql.dequantized_weight(torch.float32))
+                    t, errs, failed = {}, {}, {}
+                    for p in paths:
+                        try:
+                            errs[p] = _rel_err(ql.run_path(p, x), ref)
+                            t[p] = bench(lambda p=p: ql.run_path(p, x))
+                        except Exception as e:  # a library kernel that cannot run this shape
+                            failed[p] = f"{type(e).__name__}: {e}"[:200]
+                    del ref
+                    with warnings.catch_warnings(record=True):
+                        warnings.simplefilter("always")
+                        picked = ql.select_path(dev, m, x.dtype)
+                    weight_bytes = n * k * bits / 8 + n * (k // g) * 3
+                    moved = weight_bytes + m * k * 2 + m * n * 2
+                    roof_ms = moved / bw * 1e3
+                    row = {
+                        "device": gpu, "layer": name, "K": k, "N": n, "M": m, "wbits": bits, "group_size": g,
+                        "ms": {p: round(v, 5) for p, v in t.items()}, "bf16_linear_ms": round(t_bf16, 5),
+                        "roofline_ms": round(roof_ms, 5), "bytes_moved": int(moved),
+                        "speedup_vs_bf16": {p: round(t_bf16 / v, 3) for p, v in t.items()},
+                        "rel_err_vs_dequantised": {p: float(f"{e:.3g}") for p, e in errs.items()},
+                        "failed": failed, "picked": picked,
+                        "picked_speedup_vs_bf16": round(t_bf16 / t[picked], 3) if picked in t else None,
+                    }
+                    rows.append(row)
+                    shown = " ".join(f"{p}={v * 1e3:.1f}us" for p, v in t.items())
+                    save(rows, info)  # a run cut short keeps what it measured
+                    print(f"[cuda] {name:12s} M={m:5d} W{bits}g{g:<3d} bf16={t_bf16 * 1e3:.1f}us roof={roof_ms * 1e3:.1f}us "
+                          f"{shown} -> picks {picked} ({row['picked_speedup_vs_bf16']}x)", flush=True)
     return rows, info
+
+
+def cuda_summary(rows: list[dict]) -> dict:
+    """Per (bits, group, M): min and median speedup over bf16 of the path QuantLinear picks, vs the goals."""
+    goals = {8: 1.6, 4: 2.5}
+    out = {}
+    for bits, g, m in sorted({(r["wbits"], r["group_size"], r["M"]) for r in rows}):
+        sp = [r["picked_speedup_vs_bf16"] for r in rows
+              if (r["wbits"], r["group_size"], r["M"]) == (bits, g, m) and r["picked_speedup_vs_bf16"]]
+        if not sp:
+            continue
+        goal = goals.get(bits) if m <= 16 else 1.0
+        out[f"w{bits}g{g}/m{m}"] = {"min": min(sp), "median": statistics.median(sp), "goal": goal,
+                                     "met": goal is not None and min(sp) >= goal * 0.97}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,21 +215,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="one shape, M=1, 4-bit: a smoke check (< 1 min)")
     ap.add_argument("--out", default="results/bench_kernels.json")
     ap.add_argument("--skip-cpu", action="store_true", help="only the CUDA section")
-    ap.add_argument("--layers", nargs="+", choices=sorted(SHAPES), help="subset of layer shapes")
+    ap.add_argument("--shapes", default="smollm2", choices=sorted(SHAPE_SETS), help="whose layer shapes")
+    ap.add_argument("--layers", nargs="+", help="subset of the shape set's layers")
+    ap.add_argument("--groups", nargs="+", type=int, default=[GROUP], help="CUDA: weight group sizes")
     ap.add_argument("--m", nargs="+", type=int, help="token counts M (overrides the preset)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (the CPU path choice depends on it)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    all_shapes = SHAPE_SETS[args.shapes]
     if args.quick:
-        shapes = {"gate_proj/up_proj": SHAPES["gate_proj/up_proj"]}
+        shapes = dict([next(iter(all_shapes.items()))])
         cpu_ms, gpu_ms, bits, abits = [1], [1, 128], [4], [16]
     else:
-        shapes = SHAPES
-        cpu_ms, gpu_ms, bits, abits = [1, 128, 256], [1, 4, 16, 128, 512, 2048], [8, 4], [16, 8]
+        shapes = all_shapes
+        cpu_ms, gpu_ms, bits, abits = [1, 128, 256], [1, 4, 16, 512, 2048], [8, 4], [16, 8]
     if args.layers:
-        shapes = {kk: SHAPES[kk] for kk in args.layers}
+        unknown = set(args.layers) - set(all_shapes)
+        if unknown:
+            ap.error(f"unknown layers {sorted(unknown)} for --shapes {args.shapes}; known: {sorted(all_shapes)}")
+        shapes = {kk: all_shapes[kk] for kk in args.layers}
     if args.m:
         cpu_ms = gpu_ms = args.m
 
@@ -208,7 +250,15 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         have_triton = False
     if torch.cuda.is_available() and have_triton:
-        result["cuda"], result["cuda_info"] = bench_cuda(shapes, gpu_ms, bits)
+        def save(rows, info):
+            result["cuda"], result["cuda_info"] = rows, info
+            atomic_write_json(Path(args.out), result)
+
+        result["cuda"], result["cuda_info"] = bench_cuda(shapes, gpu_ms, bits, args.groups, save)
+        result["cuda_summary"] = cuda_summary(result["cuda"])
+        for key, v in result["cuda_summary"].items():
+            print(f"[cuda] {key:14s} picked path vs bf16: min {v['min']:.2f}x median {v['median']:.2f}x "
+                  f"(goal {v['goal']}x: {'met' if v['met'] else 'MISSED'})")
     else:
         reason = "no CUDA device" if not torch.cuda.is_available() else "triton is not installed"
         result["cuda_skipped"] = reason

@@ -77,10 +77,10 @@ def correction_report(x: list[float], y: list[float]) -> dict:
     }
 
 
-def measure(sn, arch: Arch, scenario: Scenario, repeats: int, steps: int) -> float:
-    model = to_runtime(materialize(sn, arch))
+def measure(sn, arch: Arch, scenario: Scenario, repeats: int, steps: int, cuda_graphs: bool = True) -> float:
+    model = to_runtime(materialize(sn, arch)).eval()
     try:
-        return time_model_ms(model, scenario, repeats=repeats, steps=steps)
+        return time_model_ms(model, scenario, repeats=repeats, steps=steps, cuda_graphs=cuda_graphs)
     finally:
         del model
         gc.collect()
@@ -88,7 +88,7 @@ def measure(sn, arch: Arch, scenario: Scenario, repeats: int, steps: int) -> flo
 
 def validate_scenario(sn, space, args, scenario_name: str, log) -> dict:
     lat_cfg = LatencyConfig(backend=args.backend, scenario=scenario_name, batch=args.batch, context=args.context,
-                            prefill_len=args.prefill_len)
+                            prefill_len=args.prefill_len, device=args.device)
     scenario = Scenario.from_config(lat_cfg)
     lm = load_table_for(lat_cfg, space)
     log(f"[{scenario_name}] {lm.describe()}")
@@ -126,15 +126,22 @@ def validate_scenario(sn, space, args, scenario_name: str, log) -> dict:
 
 
 def speedups(sn, space, args, log) -> dict:
-    """Decode speedup of all-8-bit and all-4-bit full-width models over fp32: measured vs roofline."""
-    lat_cfg = LatencyConfig(backend=args.backend, scenario="decode", batch=args.batch, context=args.context)
+    """Decode speedup of all-8-bit and all-4-bit full-width models over the float model (fp32 on CPU, the
+    model's dtype on CUDA): measured vs roofline. On CUDA the eager (no graph) decode is timed too."""
+    lat_cfg = LatencyConfig(backend=args.backend, scenario="decode", batch=args.batch, context=args.context,
+                            device=args.device)
     scenario = Scenario.from_config(lat_cfg)
-    params = roofline_params("cpu")
-    roof = LatencyModel(space, roofline_table(space, sn.backend, scenario, params), sn.backend)
+    params = roofline_params(args.device)
+    roof = LatencyModel(space, roofline_table(space, sn.backend, scenario, params, args.device), sn.backend)
     table = load_table_for(lat_cfg, space)
     base = Arch.full(space)
     t_base = measure(sn, base, scenario, args.repeats, args.steps)
-    out = {"fp32_measured_ms": t_base, "roofline_params": params.to_dict(), "runtime": RUNTIME_NAME}
+    out = {"fp32_measured_ms": t_base, "float_measured_ms": t_base, "roofline_params": params.to_dict(),
+           "runtime": RUNTIME_NAME}
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        out["float_eager_ms"] = measure(sn, base, scenario, args.repeats, args.steps, cuda_graphs=False)
+        log(f"  float model: {t_base:.3f} ms/token under CUDA graphs, {out['float_eager_ms']:.3f} eager")
     for bits in (8, 4):
         if bits not in space.wbits or bits not in space.lm_head_bits:
             continue
@@ -145,13 +152,14 @@ def speedups(sn, space, args, log) -> dict:
         bytes_pred = _weight_bytes(space, base, params, sn.backend) / _weight_bytes(space, arch, params, sn.backend)
         out[f"w{bits}"] = {
             "measured_ms": t,
+            **({"eager_ms": measure(sn, arch, scenario, args.repeats, args.steps, cuda_graphs=False)} if cuda else {}),
             "measured_speedup": meas,
             "roofline_speedup": roof_pred,
             "bandwidth_only_speedup": bytes_pred,
             "table_speedup": table.predict_ms(base) / table.predict_ms(arch),
             "fraction_of_roofline": meas / roof_pred,
         }
-        log(f"  W{bits}: {t:.3f} ms/token vs fp32 {t_base:.3f}: speedup {meas:.2f}x, roofline {roof_pred:.2f}x "
+        log(f"  W{bits}: {t:.3f} ms/token vs float {t_base:.3f}: speedup {meas:.2f}x, roofline {roof_pred:.2f}x "
             f"(bandwidth only {bytes_pred:.2f}x) -> {meas / roof_pred:.2f} of roofline")
     return out
 
@@ -208,7 +216,7 @@ def main_llamacpp(args, out: Path, log) -> int:
         t0 = time.perf_counter()
         res = validate_llamacpp(args.model, n=args.subnets, scenarios=tuple(args.scenarios), latency_cfg=lat,
                                 seed=args.seed + 1, threads=args.threads or 2, log=log)
-        results = {"header": run_header("cpu", script="bench_latency_model", backend="llamacpp", quick=args.quick,
+        results = {"header": run_header(args.device, script="bench_latency_model", backend="llamacpp", quick=args.quick,
                                         machine_load=machine_load()),
                    "args": vars(args), **res, "seconds": round(time.perf_counter() - t0, 1),
                    "machine_load_end": machine_load()}
@@ -256,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-speedup", action="store_true", help="skip the W8/W4 speedup measurement")
     ap.add_argument("--write-correction", action="store_true", help="store the fitted correction in each table")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--group-size", type=int, default=0, help="space.group_size (0: the default)")
+    ap.add_argument("--width-multiple", type=int, default=0, help="space.width_multiple (0: the default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: decode replayed from CUDA graphs)")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 3 subnets, 2 repeats, 4 decode steps")
     ap.add_argument("--out", default="results/bench_latency_model.json")
     ap.add_argument("--refit", metavar="JSON", default=None,
@@ -272,13 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "llamacpp":
         return main_llamacpp(args, out.with_name(out.name.replace("bench_latency_model", "bench_latency_model.llamacpp")), log)
     t0 = time.perf_counter()
-    model, _ = load_model(args.model)
-    sn = build(model, SpaceConfig(), backend=args.backend)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    model, _ = load_model(args.model, dtype=dtype, device=args.device)
+    space_kwargs = {k: v for k, v in (("group_size", args.group_size), ("width_multiple", args.width_multiple)) if v}
+    sn = build(model.to(args.device), SpaceConfig(**space_kwargs), backend=args.backend)
     space = sn.space
     log(space.describe())
     if busy_warning():
         log(f"WARNING: {busy_warning()}")
-    results = {"header": run_header("cpu", script="bench_latency_model", quick=args.quick, machine_load=machine_load()),
+    results = {"header": run_header(args.device, script="bench_latency_model", quick=args.quick, machine_load=machine_load()),
                "args": vars(args),
                "goals": GOALS, "runtime": RUNTIME_NAME, "scenarios": {}}
     for name in args.scenarios:

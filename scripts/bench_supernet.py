@@ -44,14 +44,6 @@ from archquant.utils.io import atomic_write_json
 
 VARIANTS = ("dense", "vectorized", "vectorized+weights", "naive")
 GOALS = {"vectorized/dense": ("<=", 1.25), "naive/vectorized": (">=", 5.0)}
-# SmolLM2-135M's architecture, for --random-weights (timing does not depend on the weight values)
-SMOLLM2_CONFIG = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
-)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="registry name, path or hub id")
@@ -68,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hard", action="store_true", help="straight-through one-hot samples (same cost as soft)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="parameter dtype of the base model and the supernet")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses (CPU)")
     p.add_argument("--quick", action="store_true", help="smoke check: 2 blocks, B=1, S=64, 1 step")
     p.add_argument("--out", default=None)
@@ -86,16 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load(args):
-    """The base model (fp32, optionally truncated to ``--layers`` blocks)."""
-    if args.random_weights:
-        from transformers import LlamaConfig, LlamaForCausalLM
+    """The base model (``--dtype``, optionally truncated to ``--layers`` blocks), on ``--device``."""
+    from archquant.models.registry import load_model
 
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG))
-    else:
-        from archquant.models.registry import load_model
-
-        model, _ = load_model(args.model, dtype=torch.float32)
+    name = args.model
+    if args.random_weights and not name.startswith("random:"):
+        name = f"random:{name}"  # SmolLM2's shapes with random weights: timing does not depend on the values
+    model, _ = load_model(name, dtype=getattr(torch, args.dtype), device=args.device)
     if args.layers and args.layers < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers

@@ -64,3 +64,20 @@ def test_embedded_default_loads_and_answers():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_random_shape_models_have_the_published_dimensions():
+    from archquant.models.registry import MODEL_NAMES, ModelNotFoundError, resolve_model_name
+    from archquant.models.shapes import shape_config
+
+    assert {"random:smollm2-135m", "random:llama-3.2-1b", "random:llama-3.1-8b"} <= set(MODEL_NAMES)
+    c8 = shape_config("random:llama-3.1-8b")
+    assert (c8.hidden_size, c8.intermediate_size, c8.num_hidden_layers, c8.num_key_value_heads, c8.head_dim,
+            c8.vocab_size, c8.tie_word_embeddings) == (4096, 14336, 32, 8, 128, 128256, False)
+    model, tok = load_model("random:smollm2-135m", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6  # SmolLM2-135M's parameter count
+    ids = torch.randint(0, 1000, (1, 8))
+    assert model(input_ids=ids).logits.shape == (1, 8, 49152)
+    with pytest.raises(ModelNotFoundError, match="random:llama-3.1-8b"):
+        resolve_model_name("random:llama-9b")

@@ -85,9 +85,10 @@ def export_job(cfg, *, session: Session | None = None) -> dict[str, Any]:
 
 @torch.no_grad()
 def verify_round_trip(packed, folder: Path, vocab: int, seq: int = 16) -> bool:
-    """Load ``folder`` back and compare its logits with the in-memory packed model (must be identical)."""
-    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
-    loaded = load(folder, paths=("dense",))
+    """Load ``folder`` back onto the packed model's device and compare their logits (must be identical)."""
+    device = next(packed.parameters()).device
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    loaded = load(folder, paths=("dense",), device=device)
     same = torch.equal(packed(input_ids=ids).logits, loaded(input_ids=ids).logits)
     if not same:
         raise RuntimeError(f"{folder}: the loaded export differs from the in-memory packed model; report this as a bug")

@@ -3,6 +3,7 @@
     archquant-profile latency.backend=torch latency.scenario=decode          # the committed CPU tables
     archquant-profile latency.backend=torch latency.scenario=prefill
     archquant-profile model=tiny-llama space=tiny latency.backend=torch latency.min_run_time=0.01   # smoke
+    archquant-profile model=random:llama-3.1-8b model.dtype=bfloat16 latency.backend=triton latency.device=cuda
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def profile(cfg) -> LatencyTable:
         raise UserError("latency.device=cuda but no CUDA device is visible; use latency.device=cpu")
     backend = get_backend(lat.backend)
     dtype = getattr(torch, cfg.model.dtype)
-    model, _ = load_model(cfg.model.name, dtype=dtype, seed=cfg.model.seed)
+    model, _ = load_model(cfg.model.name, dtype=dtype, seed=cfg.model.seed, device=lat.device)
     model.eval()
     space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
     scenario = Scenario.from_config(lat)

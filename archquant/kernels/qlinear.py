@@ -8,13 +8,18 @@ one that ran last):
   the input dtype, where it reproduces the fake-quant forward bit for bit; 4 bytes per weight).
 * ``int4pack_bf16`` (CPU): torch's int4 kernel with bf16 activations (``cpu_int4pack``), 2-8 bits.
   Relative output error vs the fp32 fake-quant path is ~2^-8 (bf16 rounding; see the tests).
-* ``triton_gemv`` / ``triton_tiled`` (CUDA, 8/4-bit weights): split-K GEMV for decode-sized M and a
+* ``triton_gemv`` / ``triton_tiled`` (CUDA, 8/4-bit weights): our split-K GEMV for decode-sized M and a
   tiled GEMM for prefill-sized M (``archquant.kernels.wq_matmul``).
 * ``triton_w8a8`` (CUDA, 8-bit activations): int8 x int8 dot products per group
   (``archquant.kernels.w8a8_matmul``).
+* ``gemlite`` (CUDA, 8/4/2-bit weights, fp16/bf16 activations) and ``tinygemm`` (CUDA, 4-bit, bf16):
+  kept libraries' kernels over the same codes (``archquant.kernels.cuda_libs``).
+* On CUDA ``dense`` is the bf16/fp16 ``F.linear`` over the dequantised weight: at prefill-sized M (and
+  for small layers, where a launch costs more than the weight read) it is often the fastest.
 
 Which path runs is measured per (device, M bucket, K, N, bits) on first use (``path_select``), not
-assumed. ``paths=`` restricts one layer; the environment variable ``ARCHQUANT_QLINEAR_PATHS``
+assumed; on CUDA each candidate's output is first checked against the dequantised reference and a
+path that disagrees (or raises) is rejected with a warning. ``paths=`` restricts one layer; the environment variable ``ARCHQUANT_QLINEAR_PATHS``
 (comma-separated names) restricts every layer it can apply to, e.g. ``dense`` for bit-exact runs or
 to skip measuring in tests. The module is for inference: use the supernet's fake-quant path to train.
 """
@@ -22,6 +27,7 @@ to skip measuring in tests. The module is for inference: use the supernet's fake
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -37,9 +43,12 @@ from archquant.quant.packing import PACKED_BITS, PackedWeight, pack_weight, pack
 FORMAT_VERSION = 1
 TRITON_WEIGHT_BITS = (8, 4)
 CPU_PATHS = ("dense", "int4pack_bf16")
-CUDA_PATHS = ("dense", "triton_gemv", "triton_tiled", "triton_w8a8")
+CUDA_PATHS = ("dense", "triton_gemv", "triton_tiled", "triton_w8a8", "gemlite", "tinygemm")
 ALL_PATHS = tuple(dict.fromkeys(CPU_PATHS + CUDA_PATHS))
 ENV_PATHS = "ARCHQUANT_QLINEAR_PATHS"
+# bf16 paths agree with the bf16 dense product to ~2^-8 (rounding of activations, scales and the output);
+# a layout or sign mistake gives errors of order 1
+CHECK_REL_TOL = 2e-2
 
 
 def _triton_available() -> bool:
@@ -230,20 +239,19 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ paths
-    def applicable_paths(self, device: torch.device) -> list[str]:
-        """Paths that can run this layer on ``device`` (after ``paths=`` and the environment restriction).
+    def applicable_paths(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        """Paths that can run this layer on ``device`` for ``dtype`` activations (None: any float dtype),
+        after ``paths=`` and the environment restriction.
 
         Raises:
             BackendError: the device has no kernel for these bits, or ``paths=`` excludes all that can run.
         """
-        paths = self._device_paths(device)
+        paths = self._device_paths(device, dtype)
         env = [p.strip() for p in os.environ.get(ENV_PATHS, "").split(",") if p.strip()]
         if self.allowed_paths is None and env:
             # a global preference: layers it cannot apply to keep their own candidates
             paths = [p for p in paths if p in env] or paths
         if self.allowed_paths is not None:
-            if device.type == "cuda" and "dense" in self.allowed_paths and self.wbits < 16:
-                paths.append("dense")  # opt-in on GPU only: it gives up the memory saving
             restricted = [p for p in paths if p in self.allowed_paths]
             if not restricted:
                 raise BackendError(
@@ -253,31 +261,42 @@ class QuantLinear(nn.Module):
             paths = restricted
         return paths
 
-    def _device_paths(self, device: torch.device) -> list[str]:
+    def _device_paths(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
         """Every path with a kernel for this layer's bits and shape on ``device``, before restrictions."""
-        if device.type == "cuda" and self.wbits < 16:
-            if not _triton_available():
-                raise BackendError("QuantLinear on CUDA needs triton for quantised weights: pip install triton")
-            if self.wbits not in TRITON_WEIGHT_BITS:
-                raise BackendError(
-                    f"no Triton kernel for {self.wbits}-bit weights on CUDA (kernels exist for "
-                    f"{TRITON_WEIGHT_BITS}); choose wbits in {TRITON_WEIGHT_BITS + (16,)} or run on CPU"
-                )
-            return ["triton_gemv", "triton_tiled"] + (["triton_w8a8"] if self.abits == 8 else [])
         paths = ["dense"]
-        if device.type == "cpu" and self.wbits < 16:
-            if int4pack_unsupported_reason(self.out_features, self.in_features, self.wbits, self.group_size) is None:
-                paths.append("int4pack_bf16")
+        if self.wbits >= 16:
+            return paths
+        n, k, bits, g = self.out_features, self.in_features, self.wbits, self.group_size
+        if device.type == "cuda":
+            from archquant.kernels import cuda_libs
+
+            if bits in TRITON_WEIGHT_BITS and _triton_available():
+                paths += ["triton_gemv", "triton_tiled"] + (["triton_w8a8"] if self.abits == 8 else [])
+            half = dtype if dtype is not None else torch.bfloat16
+            if cuda_libs.gemlite_unsupported_reason(n, k, bits, g, half) is None:
+                paths.append("gemlite")
+            if cuda_libs.tinygemm_unsupported_reason(n, k, bits, g, torch.bfloat16 if dtype is None else dtype) is None:
+                paths.append("tinygemm")
+        elif device.type == "cpu" and int4pack_unsupported_reason(n, k, bits, g) is None:
+            paths.append("int4pack_bf16")
         return paths
 
     def _prepared(self, path: str, device: torch.device, dtype: torch.dtype):
-        key = (path, str(device), dtype if path == "dense" else torch.float32)
+        key = (path, str(device), dtype if path in ("dense", "gemlite") else torch.float32)
         hit = self._runtime.get(key)
         if hit is None:
             if path == "dense":
                 hit = self.dequantized_weight(dtype)
             elif path == "int4pack_bf16":
                 hit = prepare_int4pack(self.packed_weight())
+            elif path == "gemlite":
+                from archquant.kernels.cuda_libs import prepare_gemlite
+
+                hit = prepare_gemlite(self.packed_weight(), dtype)
+            elif path == "tinygemm":
+                from archquant.kernels.cuda_libs import prepare_tinygemm
+
+                hit = prepare_tinygemm(self.packed_weight())
             else:
                 hit = True  # Triton paths read the buffers directly
             self._runtime[key] = hit
@@ -304,6 +323,14 @@ class QuantLinear(nn.Module):
             xin = ref.fake_quant_act(x2, self.abits)
             y = wq_matmul(xin, self.qweight, self.scales, self.zeros, self.wbits, self.group_size,
                           mode=path.removeprefix("triton_"))
+        elif path == "gemlite":
+            from archquant.kernels.cuda_libs import gemlite_linear
+
+            y = gemlite_linear(ref.fake_quant_act(x2, self.abits), self._prepared(path, dev, x2.dtype))
+        elif path == "tinygemm":
+            from archquant.kernels.cuda_libs import tinygemm_linear
+
+            y = tinygemm_linear(ref.fake_quant_act(x2, self.abits), self._prepared(path, dev, x2.dtype))
         elif path == "triton_w8a8":
             from archquant.kernels.w8a8_matmul.kernel import w8a8_matmul
 
@@ -315,16 +342,22 @@ class QuantLinear(nn.Module):
         return y.to(x2.dtype)
 
     def select_path(self, device: torch.device, m: int, dtype: torch.dtype = torch.float32) -> str:
-        """The path for ``m`` rows of ``dtype`` activations on ``device``: measured once per shape class."""
-        paths = self.applicable_paths(device)
+        """The path for ``m`` rows of ``dtype`` activations on ``device``: measured once per shape class.
+
+        On CUDA each candidate first runs once on random inputs and is compared with ``dense`` (the
+        dequantised weight in the same dtype); one that raises or disagrees by more than
+        ``CHECK_REL_TOL`` is left out of the measurement, with a warning naming it.
+        """
+        paths = self.applicable_paths(device, dtype)
         key = path_select.PathKey(
-            path_select.device_key(device), path_select.m_bucket(m), self.in_features, self.out_features,
+            path_select.device_key(device), path_select.m_bucket(m, device), self.in_features, self.out_features,
             self.wbits, self.abits, self.group_size, str(dtype).removeprefix("torch."), tuple(sorted(paths)),
         )
         if len(paths) > 1 and path_select.cached_choice(key) is None:
             mb = key.m_bucket
             x = torch.randn(mb, self.in_features, device=device).to(dtype)
-            cands = {p: (lambda p=p: self.run_path(p, x)) for p in paths}
+            ok = self._checked_paths(paths, x) if device.type == "cuda" else paths
+            cands = {p: (lambda p=p: self.run_path(p, x)) for p in ok}
             choice = path_select.choose(key, cands, device)
             self._chosen[(str(device), key.m_bucket)] = choice.path
             self._drop_unused()
@@ -333,6 +366,29 @@ class QuantLinear(nn.Module):
             self._chosen[(str(device), key.m_bucket)] = choice.path
         self.last_choice = choice
         return choice.path
+
+    def _checked_paths(self, paths: list[str], x: torch.Tensor) -> list[str]:
+        """The paths whose output on ``x`` matches ``dense`` within ``CHECK_REL_TOL`` (dense itself always)."""
+        ref_y = self.run_path("dense", x).float()
+        ok = []
+        for p in paths:
+            if p == "dense":
+                ok.append(p)
+                continue
+            try:
+                y = self.run_path(p, x).float()
+                err = float((y - ref_y).norm() / ref_y.norm().clamp_min(1e-30))
+            except Exception as e:  # a library kernel that cannot run this shape: not a candidate
+                warnings.warn(f"QuantLinear path {p!r} failed on {self.in_features}->{self.out_features} "
+                              f"w{self.wbits} M={x.shape[0]} and is not used: {type(e).__name__}: {e}")
+                continue
+            if not err <= CHECK_REL_TOL:
+                warnings.warn(f"QuantLinear path {p!r} disagrees with the dequantised weight on {self.in_features}->"
+                              f"{self.out_features} w{self.wbits} (relative error {err:.2e} > {CHECK_REL_TOL}) "
+                              "and is not used")
+                continue
+            ok.append(p)
+        return ok
 
     def _drop_unused(self) -> None:
         """Free derived weights (int4 planes, fp32 copy) of paths no M bucket of this layer runs."""

@@ -5,7 +5,7 @@ attention function, RMSNorm, SiLU-and-multiply, embedding) on inputs shaped by t
 decode-sized inputs (<= ``COLD_MAX_TOKENS`` rows) on CPU each timed call follows a cache flush, because
 in a real decode step every weight and KV cache arrives from DRAM (the model streams through the cache
 between two uses of a layer); prefill-sized ops reuse their weights across rows and are timed warm.
-CUDA's ``do_bench`` flushes L2 itself. What the ops do not see (residual adds, dispatch, RoPE tables,
+On CUDA ops are timed as a replayed CUDA graph runs them, L2 cleared before each call. What the ops do not see (residual adds, dispatch, RoPE tables,
 masks) is measured by timing the whole model at several depths: the slope over depth minus the
 block's ops is ``per_layer``, the intercept minus the model ops is ``per_token``.
 """
@@ -187,7 +187,7 @@ def time_depths(model: nn.Module, scenario: Scenario, depths: list[int], *, repe
 
 def method_string(device: torch.device | str, min_run_time: float, cold: bool) -> str:
     dev = torch.device(device)
-    timer = "triton.testing.do_bench median (L2 flushed)" if dev.type == "cuda" else (
+    timer = "CUDA-graph replay, L2 cleared before each call" if dev.type == "cuda" else (
         f"torch.utils.benchmark blocked_autorange median (min_run_time {min_run_time} s, {torch.get_num_threads()} threads)"
     )
     cache = "; ops timed cache-cold: median of single calls, each after writing a 2x LLC buffer" if cold else ""

@@ -88,16 +88,17 @@ def time_op_ms(fn: Callable[[], object], device: torch.device | str = "cpu", min
                cold: bool = False) -> float:
     """Median milliseconds of ``fn()`` after warm-up.
 
-    CUDA: ``triton.testing.do_bench`` (flushes L2 between runs, median). CPU, ``cold``: the median of
-    single calls, each after ``flush_cache`` (in a decode step every op's weights and KV cache arrive
-    from DRAM: the whole model streams through the cache between two uses), ``max(15, 250 *
-    min_run_time)`` calls. CPU, warm: ``torch.utils.benchmark.Timer.blocked_autorange`` with torch's
-    current thread count (the Timer otherwise runs single-threaded), median over blocks.
+    CUDA: GPU time as a CUDA graph replays the op (``kernels.path_select.cuda_graph_ms``: L2 cleared
+    before each call, no Python or launch time), since the decode runtime replays graphs. CPU,
+    ``cold``: the median of single calls, each after ``flush_cache`` (in a decode step every op's
+    weights and KV cache arrive from DRAM: the whole model streams through the cache between two
+    uses), ``max(15, 250 * min_run_time)`` calls. CPU, warm: ``torch.utils.benchmark.Timer.blocked_autorange``
+    with torch's current thread count (the Timer otherwise runs single-threaded), median over blocks.
     """
     if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
+        from archquant.kernels.path_select import cuda_graph_ms
 
-        return float(do_bench(fn, warmup=25, rep=max(20, int(min_run_time * 1000)), return_mode="median"))
+        return cuda_graph_ms(fn, calls=max(10, int(min_run_time * 1000)))
     for _ in range(3):
         fn()
     if cold:
@@ -130,15 +131,20 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def time_model_ms(
-    model: nn.Module, scenario: Scenario, *, repeats: int = 7, steps: int = 8, seed: int = 0
+    model: nn.Module, scenario: Scenario, *, repeats: int = 7, steps: int = 8, seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> float:
     """End-to-end milliseconds of one scenario forward of a whole model (median of ``repeats``).
 
     ``decode``: fill the KV cache with ``context`` tokens (untimed), then time ``steps`` one-token
-    forwards and report ms per token; the cache is cropped back to ``context`` between repeats.
+    forwards and report ms per token; the cache is cropped back to ``context`` between repeats. On
+    CUDA (unless ``cuda_graphs=False``) the steps are replayed from a captured graph over a static
+    cache (``archquant.engine.static_decode``), as a serving engine runs them.
     ``prefill``: one ``[batch, prefill_len]`` forward into an empty cache, logits of the last position.
     """
     device = next(model.parameters(), torch.empty(0)).device
+    if scenario.name != "prefill" and device.type == "cuda" and cuda_graphs:
+        return _time_graph_decode_ms(model, scenario, repeats=repeats, steps=steps, seed=seed)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     keep = 1 if _accepts_logits_to_keep(model) else None
@@ -168,4 +174,29 @@ def time_model_ms(
             if r:
                 times.append((time.perf_counter() - t0) * 1e3 / steps)
             cache.crop(scenario.context - cache.get_seq_length())  # negative: drop the tokens just decoded
+    return statistics.median(times)
+
+
+def _time_graph_decode_ms(model: nn.Module, scenario: Scenario, *, repeats: int, steps: int, seed: int) -> float:
+    """``time_model_ms``'s decode through ``StaticDecoder`` (CUDA graph replays), median ms per token."""
+    from archquant.engine.static_decode import StaticDecoder
+
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(0, vocab, (scenario.batch, scenario.context), generator=gen).to(device)
+    step = torch.randint(0, vocab, (scenario.batch, 1), generator=gen).to(device)
+    dec = StaticDecoder(model, batch=scenario.batch, max_len=scenario.context + steps + 1, graph=True)
+    dec.prefill(ctx)
+    dec.capture()
+    times = []
+    for r in range(repeats + 1):  # the first round warms up
+        dec.reset(scenario.context)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step(step)
+        torch.cuda.synchronize(device)
+        if r:
+            times.append((time.perf_counter() - t0) * 1e3 / steps)
     return statistics.median(times)

@@ -10,7 +10,8 @@ class ModelConfig:
     """Which model to load.
 
     Attributes:
-        name: ``smollm2-135m`` (embedded default), ``tiny-llama``, a local path or a hub id.
+        name: ``smollm2-135m`` (embedded default), ``tiny-llama``, ``random:<shape>`` (random weights at a real
+            model's shapes, e.g. ``random:llama-3.1-8b``), a local path or a hub id.
         dtype: parameter dtype of the original model (``float32``; ``bfloat16`` on GPU).
         seed: seed of the random ``tiny-llama`` weights.
     """

