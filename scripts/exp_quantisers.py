@@ -11,7 +11,6 @@ Run: ``PYTHONPATH=$PWD nice -n 19 python scripts/exp_quantisers.py`` -> results/
 
 from __future__ import annotations
 
-import ctypes
 import json
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 from archquant.core.linears import LINEARS, MODULE_PATHS, gguf_name
 from archquant.data import calibration_blocks
 from archquant.engine.gguf_writer import export_gguf
+from archquant.engine.presets import quantize_gguf
 from archquant.models.embedded import ensure_embedded_gguf
 from archquant.models.registry import load_model
 from archquant.quant import gguf as quant
@@ -30,8 +30,9 @@ from archquant.quant import gguf as quant
 LAYERS = (0, 15, 29)
 NUM_BLOCKS = 8  # calibration blocks for the activation statistics
 # llama_ftype per type (llama.h); K types use the *_S / plain ftype, ``pure`` makes every tensor that type
-FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_1": 9, "Q5_0": 8, "Q5_K": 16, "Q4_1": 3, "Q4_0": 2, "Q4_K": 14,
-          "IQ4_NL": 25, "IQ4_XS": 30, "Q3_K": 11}
+# type -> the llama-quantize preset whose pure form stores every tensor in that type
+FTYPES = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_1": "Q5_1", "Q5_0": "Q5_0", "Q5_K": "Q5_K_S", "Q4_1": "Q4_1",
+          "Q4_0": "Q4_0", "Q4_K": "Q4_K_S", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "Q3_K": "Q3_K_S"}
 OUT = Path("results")
 
 
@@ -58,29 +59,9 @@ def activation_stats(model, tokens: torch.Tensor) -> dict[tuple[int, str], torch
 
 
 def llama_quantize(src: Path, dst: Path, qtype: str, imatrix: dict[str, np.ndarray] | None) -> None:
-    """``llama_model_quantize`` of ``src`` to ``qtype`` (pure), with per-tensor importance if given."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[qtype]
-    params.pure = True
-    params.nthread = 2
-    params.token_embedding_type = 0  # GGML_TYPE_F32: keep the embedding out of the comparison (and fast)
-    keep = []
-    if imatrix:
-        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, data) in enumerate(imatrix.items()):
-            buf = np.ascontiguousarray(data, dtype=np.float32)
-            keep.append(buf)
-            arr[i].name = name.encode()
-            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = buf.size
-        arr[len(imatrix)].name = None  # terminator
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(arr)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({qtype}) returned {rc}")
+    """``llama_model_quantize`` of ``src`` to ``qtype`` (pure), with per-tensor importance if given; the embedding
+    stays F32 (out of the comparison, and fast)."""
+    quantize_gguf(src, dst, FTYPES[qtype], threads=2, pure=True, imatrix=imatrix, token_embedding_type=0)
 
 
 def read_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:

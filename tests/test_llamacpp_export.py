@@ -245,3 +245,57 @@ def test_backend_options_that_do_not_fit_fail_clearly():
         get_backend("torch", {"types": {"4": "Q4_1"}})
     with pytest.raises(BackendError, match="4-bit weights can be"):
         get_backend("llamacpp", {"types": {"4": "Q5_0"}})
+
+
+def test_palette_types_from_the_config_reach_the_space_the_supernet_and_the_gguf(tmp_path):
+    """``latency.types`` puts more of llama.cpp's palette in the search: a 5-bit Q5_0 slot, Q4_1 for 4 bits, read
+    back from the export bit for bit as the supernet simulates them."""
+    from _tiny import TINY_OVERRIDES, compose_config
+
+    from archquant.commands.session import Session
+    from archquant.engine.gguf_reader import read_header
+    from archquant.quant.gguf import dequantize_raw
+
+    cfg = compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[16,8,5,4]",
+                                           "space.lm_head_bits=[16,8]", "latency.types=[Q4_1,Q5_0]"], tmp_path)
+    session = Session.load(cfg)
+    assert session.backend.types == {16: "F16", 8: "Q8_0", 5: "Q5_0", 4: "Q4_1"}
+    assert 5 in session.space.wbits
+    sn = session.search_supernet()
+    choice = {n: v[0] for n, v in sn.space.gates().items()}
+    choice.update({"layers.0.wbits.qkv": 5, "layers.0.wbits.down": 4, "layers.1.wbits.gate_up": 5})
+    arch = Arch.from_choices(sn.space, choice)
+    sub = materialize(sn, arch)
+    path = export_gguf(sub, tmp_path / "mix.gguf", tokenizer=session.tokenizer)
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q5_0"
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+    # attn_v and the MLP are stored as they are (q and k rows are permuted for llama.cpp's RoPE)
+    for name, mod in (("blk.0.attn_v.weight", sub.model.layers[0].self_attn.v_proj),
+                      ("blk.1.ffn_up.weight", sub.model.layers[1].mlp.up_proj),
+                      ("blk.0.ffn_down.weight", sub.model.layers[0].mlp.down_proj)):
+        raw = np.asarray(tensors[name].data)
+        got = dequantize_raw(raw, tensors[name].tensor_type.name).reshape(mod.weight.shape)
+        torch.testing.assert_close(got, mod.quantized_weight().float(), rtol=0, atol=0)
+    assert read_header(path)[0]  # a readable header
+
+
+def test_palette_types_that_llama_cpp_would_change_or_does_not_have_are_refused(tiny):
+    from archquant.backends import BackendError, get_backend
+
+    model, _ = tiny
+    space = SpaceConfig(width_multiple=32, group_size=32, wbits=[16, 8, 6])
+    with pytest.raises(BackendError, match=r"Q6_K \(6-bit\) needs rows that are multiples of 256.*q/k/v/gate/up rows"):
+        get_backend("llamacpp", {"types": {6: "Q6_K"}}).restrict_space(space, model.config)
+    with pytest.raises(BackendError, match="Q8_0 is a 8-bit type"):
+        get_backend("llamacpp", {"types": {4: "Q8_0"}})
+    with pytest.raises(BackendError, match=r"'Q4_X' is not a type.*IQ4_NL"):
+        get_backend("llamacpp", {"types": {4: "Q4_X"}})
+    from archquant.latency.config import LatencyConfig
+
+    with pytest.raises(ValueError, match="only latency.backend=llamacpp"):
+        LatencyConfig(backend="torch", types=["Q4_1"])
+    with pytest.raises(BackendError, match="both 4-bit"):
+        LatencyConfig(backend="llamacpp", types=["Q4_1", "Q4_K"])

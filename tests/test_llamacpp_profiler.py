@@ -163,3 +163,25 @@ def test_bytes_that_do_not_match_the_plan_are_refused_and_nothing_is_written(spa
     with pytest.raises(GGUFExportError, match=r"token_embd\.weight: encoded as float32\(258, 128\)"):
         write_gguf(tmp_path / "bad.gguf", plan, synthetic_tokenizer_kv(shape.vocab), one_row_short, name="bad")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_table_of_other_gguf_types_never_prices_these(tmp_path):
+    from archquant.backends import get_backend
+    from archquant.latency.loader import table_path, types_problem, types_tag
+    from archquant.latency.scenario import Scenario
+    from archquant.latency.table import LatencyTable
+
+    q41 = get_backend("llamacpp", {"types": {4: "Q4_1", 6: "Q6_K"}})
+    assert types_tag(q41) == "-q6_k-q4_1" and types_tag(get_backend("llamacpp")) == ""
+    sc = Scenario("decode", 1, 256, 128)
+    assert table_path("smollm2-135m", "llamacpp", sc, tag=types_tag(q41)).name.startswith("smollm2-135m-llamacpp-q6_k-q4_1-")
+
+    class _Space:  # the two fields types_problem reads
+        wbits, lm_head_bits = [16, 8, 4], [16]
+
+    default_table = LatencyTable(header={"gguf_types": {"16": "F16", "8": "Q8_0", "4": "Q4_0"}}, ops={})
+    assert types_problem(default_table, get_backend("llamacpp"), _Space()) is None
+    assert types_problem(default_table, q41, _Space()) == "4-bit: table 'Q4_0', config 'Q4_1'"
+    legacy = LatencyTable(header={}, ops={})  # no record: profiled with the defaults
+    assert types_problem(legacy, get_backend("llamacpp"), _Space()) is None
+    assert "Q4_1" in types_problem(legacy, q41, _Space())

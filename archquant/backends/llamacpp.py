@@ -1,10 +1,13 @@
 """``LlamaCppBackend``: what llama.cpp computes (GGUF block formats), what it can run, what it stores.
 
-Bits map to GGUF tensor types (``types``, default ``{16: F16, 8: Q8_0, 4: Q4_0}``; ``16: F32`` and
-``4: Q4_1`` are the alternatives). The quantiser is llama.cpp's (``quant.py``): blocks of 32 inputs,
-whatever the space's group size, and the activation format follows the weight type, as in ggml's CPU
-matmul (Q8_0 / Q8_1 for quantised weights, fp16 for F16 weights); the layer's ``abits`` decision is
-therefore not the engine's to take and ``restrict_space`` removes it.
+Bits map to GGUF tensor types (``types``, default ``{16: F16, 8: Q8_0, 4: Q4_0}``; ``latency.types``
+sets them from the config, one type per bit-width out of llama.cpp's CPU palette: ``ALLOWED_TYPES``).
+The quantiser is llama.cpp's (``archquant.quant.gguf``): blocks of 32 inputs (256 for the K-quants
+and IQ4_XS), whatever the space's group size, and the activation format follows the weight type, as
+in ggml's CPU matmul (Q8_0 / Q8_1 / Q8_K for quantised weights, fp16 for F16 weights); the layer's
+``abits`` decision is therefore not the engine's to take and ``restrict_space`` removes it. A type
+whose block does not divide a reachable row length is refused by ``restrict_space``, naming the
+tensor: llama.cpp would silently store such a tensor in another type (its ``tensor_type_fallback``).
 
 Q4_0 is the default 4-bit type: llama.cpp repacks it for AVX2 and decodes it fastest, and unlike
 Q4_1 it does not coincide with the grid the embedded default's weights already lie on (README, The embedded default model),
@@ -24,7 +27,11 @@ from archquant.core.space import resolve_space, snap_width
 from archquant.quant import gguf as quant
 
 DEFAULT_TYPES: dict[int, str] = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
-ALLOWED_TYPES: dict[int, tuple[str, ...]] = {16: ("F16", "F32"), 8: ("Q8_0",), 4: ("Q4_0", "Q4_1")}
+# the bit-width slot each palette type fills (its nominal bits; one type per slot in a search)
+ALLOWED_TYPES: dict[int, tuple[str, ...]] = {
+    16: ("F16", "F32"), 8: ("Q8_0",), 6: ("Q6_K",), 5: ("Q5_0", "Q5_1", "Q5_K"),
+    4: ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"), 3: ("Q3_K",),
+}
 
 
 def resolve_types(types: dict[int, str] | None) -> dict[int, str]:
@@ -40,8 +47,31 @@ def resolve_types(types: dict[int, str] | None) -> dict[int, str]:
             raise BackendError(f"llama.cpp types: no GGUF type for {bits}-bit weights (supported bits: {sorted(ALLOWED_TYPES)})")
         qtype = str(qtype).upper()
         if qtype not in ALLOWED_TYPES[bits]:
-            raise BackendError(f"llama.cpp types: {bits}-bit weights can be {ALLOWED_TYPES[bits]}, got {qtype!r}")
+            slot = next((b for b, ts in ALLOWED_TYPES.items() if qtype in ts), None)
+            hint = (f"{qtype} is a {slot}-bit type" if slot is not None else
+                    f"{qtype!r} is not a type this llama.cpp backend writes and runs ({list(quant.PALETTE)})")
+            raise BackendError(f"llama.cpp types: {bits}-bit weights can be {list(ALLOWED_TYPES[bits])}; {hint}")
         out[bits] = qtype
+    return out
+
+
+def types_from_names(names) -> dict[int, str]:
+    """``[Q6_K, Q5_0, Q4_1]`` -> ``{6: "Q6_K", 5: "Q5_0", 4: "Q4_1"}``: each type fills its bit-width's slot.
+
+    Raises:
+        BackendError: a name outside the palette, or two types for one bit-width.
+    """
+    out: dict[int, str] = {}
+    for name in names:
+        qtype = str(name).upper()
+        slot = next((b for b, ts in ALLOWED_TYPES.items() if qtype in ts), None)
+        if slot is None:
+            raise BackendError(f"latency.types has {name!r}, not a type this llama.cpp backend writes and runs; "
+                               f"choose from {[t for ts in ALLOWED_TYPES.values() for t in ts]}")
+        if slot in out and out[slot] != qtype:
+            raise BackendError(f"latency.types has {out[slot]} and {qtype}, both {slot}-bit: a search uses one type per "
+                               "bit-width; keep one")
+        out[slot] = qtype
     return out
 
 
@@ -49,21 +79,49 @@ class LlamaCppBackend(Backend):
     """CPU serving through GGUF in llama.cpp.
 
     Args:
-        types: ``bits -> GGUF type`` (``{16: "F16"|"F32", 8: "Q8_0", 4: "Q4_0"|"Q4_1"}``); missing
-            entries take ``DEFAULT_TYPES``.
+        types: ``bits -> GGUF type`` (``ALLOWED_TYPES`` lists each bit-width's choices, e.g.
+            ``{4: "Q4_1", 5: "Q5_0", 6: "Q6_K"}``); missing 16/8/4 entries take ``DEFAULT_TYPES``.
     """
 
     name: ClassVar[str] = "llamacpp"
-    weight_bits: ClassVar[tuple[int, ...]] = (16, 8, 4)
     act_bits: ClassVar[tuple[int, ...]] = (16, 8)  # accepted and ignored: llama.cpp picks the activation format
     block_size: ClassVar[int] = quant.BLOCK
     runtime_packages: ClassVar[tuple[str, ...]] = ("llama_cpp_python",)  # tables depend on this version
 
     def __init__(self, types: dict[int, str] | None = None) -> None:
         self.types = resolve_types(types)
+        self.weight_bits = tuple(sorted(self.types, reverse=True))
 
     def options(self) -> dict:
         return {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
+
+    def row_types_problem(self, space) -> str | None:
+        """Why a space's reachable row lengths cannot hold its types (None when they can): a K-quant needs
+        every row of the tensors it may store to be a multiple of 256."""
+        fp = space.fingerprint
+        hd = space.head_dim[0] if space.head_dim else fp["head_dim"]
+        rows = {  # linear -> every input length (row) the space can give it
+            "q/k/v/gate/up": set(space.hidden),
+            "o": {kv * q * hd for kv in space.kv_groups for q in space.q_per_group},
+            "down": set(space.mlp),
+        }
+        for bits in sorted({int(b) for b in space.wbits} | {int(b) for b in space.lm_head_bits}):
+            qtype = self.gguf_type(bits)
+            bs = quant.block_size(qtype)
+            if bs == 1:
+                continue
+            checks = dict(rows) if bits in {int(b) for b in space.wbits} else {}
+            if bits in {int(b) for b in space.lm_head_bits}:
+                checks["lm_head"] = set(space.hidden)
+            for lin, lengths in checks.items():
+                bad = sorted(k for k in lengths if k % bs)
+                if bad:
+                    ok = [t for t in quant.QUANT_TYPES if all(k % quant.block_size(t) == 0 for k in lengths)]
+                    return (f"{qtype} ({bits}-bit) needs rows that are multiples of {bs}, but {lin} rows can be {bad} "
+                            f"(llama.cpp would store them in another type); for {bits}-bit weights choose one of "
+                            f"{[t for t in ALLOWED_TYPES.get(bits, ()) if t in ok]} (latency.types), or drop "
+                            f"{bits} from space.wbits / space.lm_head_bits")
+        return None
 
     def gguf_type(self, bits: int) -> str:
         """The GGUF tensor type that stores ``bits``-bit weights."""
@@ -88,7 +146,7 @@ class LlamaCppBackend(Backend):
         return quant.fake_quant_act(x, self.gguf_type(wbits))
 
     def weight_bytes(self, num_weights: int, bits: int, group_size: int) -> float:
-        """GGUF bytes: Q8_0 34 B / 32 weights, Q4_0 18 B / 32, Q4_1 20 B / 32, F16 2 B, F32 4 B."""
+        """GGUF bytes of the bit-width's type (e.g. Q8_0 34 B / 32 weights, Q4_0 18 B / 32, Q6_K 210 B / 256)."""
         return quant.type_nbytes(num_weights, self.gguf_type(bits))
 
     # ---- space rules -------------------------------------------------------------------------
@@ -153,7 +211,11 @@ class LlamaCppBackend(Backend):
             raise BackendError(
                 f"MLP width {probe.fingerprint['intermediate_size']} is not a multiple of {block}; use space.wbits=[16]"
             )
-        return dataclasses.replace(cfg, kv_groups=kv_keep, mlp=mlp_keep)
+        out = dataclasses.replace(cfg, kv_groups=kv_keep, mlp=mlp_keep)
+        problem = self.row_types_problem(resolve_space(out, model_config))
+        if problem:
+            raise BackendError(problem)
+        return out
 
     def __repr__(self) -> str:
         return f"LlamaCppBackend(types={self.types})"

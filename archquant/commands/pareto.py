@@ -64,14 +64,16 @@ def point_eval_config(cfg) -> EvalConfig:
     return dataclasses.replace(cfg.eval, perplexity=True, tasks=tasks)
 
 
-def evaluate_point(point: ParetoPoint, cfg, session: Session, model_fn) -> ParetoPoint:
+def evaluate_point(point: ParetoPoint, cfg, session: Session, model_fn, cache: Path | None = None) -> ParetoPoint:
     """A point's held-out perplexity and (optionally) zero-shot accuracy; ``model_fn()`` builds its model.
 
     A search run folder caches these in ``point.json`` (reused when ``_eval_key`` matches; the model is then
-    not built). Latency is measured by ``pareto_job``, all points together.
+    not built); ``cache`` names another file. Latency is measured by ``pareto_job``, all points together.
     """
     key = _eval_key(cfg)
-    cache = Path(point.run_dir) / "point.json" if point.run_dir else None
+    if point.source == "preset":
+        key = {**key, "engine": "llama.cpp", "gguf_bytes": point.extra.get("gguf_bytes")}
+    cache = cache or (Path(point.run_dir) / "point.json" if point.run_dir else None)
     if cache is not None and cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
@@ -120,6 +122,37 @@ def uniform_points(session: Session, bits_list) -> list[ParetoPoint]:
     return out
 
 
+def preset_points(cfg, session: Session) -> list[ParetoPoint]:
+    """llama.cpp's own presets of the original model (``pareto.presets``), made once into ``<out_dir>/presets``."""
+    from archquant.engine.presets import ORIGINAL, preset_files
+
+    names = cfg.pareto.resolved_presets(cfg.latency.backend)
+    if not names:
+        return []
+    if ORIGINAL in names and session.gguf_source() is None:
+        log.info("pareto.presets: %s was not loaded from a GGUF file, so there is no 'original' file to time",
+                 cfg.model.name)
+        names = [n for n in names if n != ORIGINAL]
+    files = preset_files(session.model, Path(cfg.out_dir) / "presets", names, source_gguf=session.gguf_source(),
+                         tokenizer=session.tokenizer, threads=cfg.trainer.num_threads or 0, log=log.info)
+    return [ParetoPoint(name=n if n == ORIGINAL else f"preset-{n}", source="preset", memory_mb=p.stat().st_size / 1e6,
+                        extra={"preset": n, "gguf": str(p), "gguf_bytes": p.stat().st_size})
+            for n, p in files.items()]
+
+
+def _preset_model(point: ParetoPoint, cfg):
+    """llama.cpp's logits of a preset file, as a module ``evaluate`` can score (closed by the caller)."""
+    from archquant.engine.llamacpp import open_gguf_lm
+
+    return open_gguf_lm(point.extra["gguf"], seq_len=cfg.eval.ppl_seq_len, n_threads=cfg.trainer.num_threads or 2)
+
+
+def _gguf_timer(path: str | Path, latency_cfg):
+    from archquant.latency.measure import file_timer
+
+    return file_timer(Path(path), latency_cfg)
+
+
 def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
     """Collect search runs (+ baselines, + the original model), evaluate them, keep the non-dominated set.
 
@@ -156,6 +189,7 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
             )
         )
     points += uniform_points(session, cfg.pareto.uniform_bits)
+    points += preset_points(cfg, session)
     unique_names(points)
     t0 = time.perf_counter()
     # one evaluation per distinct architecture: two budgets that found the same subnet must not get
@@ -172,6 +206,16 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
                 continue
             if key is not None:
                 first_of[key] = i
+            if p.source == "preset":
+                lm = _preset_model(p, cfg)
+                try:
+                    points[i] = evaluate_point(p, cfg, session, lambda lm=lm: lm,
+                                               cache=Path(p.extra["gguf"]).with_suffix(".point.json"))
+                finally:
+                    lm.runner.close()
+                if cfg.pareto.measure:
+                    timers[p.name] = _gguf_timer(p.extra["gguf"], cfg.latency)
+                continue
             fn = point_model_fn(p, session)
             if fn is None:
                 continue

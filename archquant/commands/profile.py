@@ -16,7 +16,7 @@ from archquant.backends import get_backend
 from archquant.core.arch import Arch
 from archquant.core.space import resolve_space
 from archquant.latency.build import profile_table
-from archquant.latency.loader import table_path
+from archquant.latency.loader import table_path, types_tag
 from archquant.latency.model import LatencyModel
 from archquant.latency.roofline import measure_roofline, save_roofline
 from archquant.latency.scenario import Scenario
@@ -36,13 +36,13 @@ def profile(cfg) -> LatencyTable:
     lat = cfg.latency
     if lat.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("latency.device=cuda but no CUDA device is visible; use latency.device=cpu")
-    backend = get_backend(lat.backend)
+    backend = get_backend(lat.backend, lat.backend_options())
     dtype = getattr(torch, cfg.model.dtype)
     model, _ = load_model(cfg.model.name, dtype=dtype, seed=cfg.model.seed, device=lat.device)
     model.eval()
     space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
     scenario = Scenario.from_config(lat)
-    out = Path(lat.out) if lat.out else table_path(cfg.model.name, backend.name, scenario, lat.device)
+    out = Path(lat.out) if lat.out else table_path(cfg.model.name, backend.name, scenario, lat.device, tag=types_tag(backend))
     print(f"archquant-profile: {cfg.model.name} on {device_name(lat.device)}, backend {backend.name}, "
           f"scenario {scenario.header()}")
     print(space.describe())

@@ -70,6 +70,31 @@ def _distill(cfg, session: Session, arch: Arch, folder: Path):
     return distill_subnet(cfg, session=session, arch=arch, out_dir=folder, resume=False)
 
 
+def _export_preset(cfg, out: Path, chosen: ParetoPoint):
+    """A picked llama-quantize preset is served as llama.cpp wrote it: its GGUF, with a manifest, is the export.
+
+    Returns ``(notes, model)`` as ``distill_and_export``; the model is llama.cpp's logits of that file.
+    """
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.engine.presets import copy_preset
+    from archquant.utils.manifest import write_manifest
+
+    notes = {"distill": f"skipped: {chosen.name} is llama.cpp's own quantisation of the original (nothing to distil)"}
+    if not cfg.run.export:
+        notes["export"] = "skipped (run.export=false)"
+    else:
+        folder = out / cfg.export.out
+        gguf = copy_preset(chosen.extra["gguf"], folder)
+        write_manifest(folder)
+        notes["export"] = f"done: {folder} {{'gguf': '{gguf.name}'}}"
+    model = None
+    if cfg.run.evaluate:
+        model = open_gguf_lm(chosen.extra["gguf"], seq_len=cfg.eval.ppl_seq_len, n_threads=cfg.trainer.num_threads or 2)
+    for stage, note in notes.items():
+        log.info("%s: %s", stage, note)
+    return notes, model
+
+
 def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | None):
     """Distil the chosen subnet and export it inside the run folder.
 
@@ -80,6 +105,8 @@ def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | N
         ``(notes, model)``: the stage notes and the model to evaluate as the pick (distilled when distillation
         ran, else the materialised subnet; None when nothing was picked or the pick is the original).
     """
+    if chosen is not None and chosen.source == "preset":
+        return _export_preset(cfg, out, chosen)
     if chosen is None or chosen.arch is None:
         why = "no point was picked" if chosen is None else f"the picked point {chosen.name!r} is the original model"
         return {"distill": f"skipped: {why}", "export": "skipped: nothing to export"}, None

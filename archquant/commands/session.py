@@ -53,7 +53,7 @@ class Session:
 
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.model.seed)
         model.eval()
-        backend = get_backend(cfg.latency.backend)
+        backend = get_backend(cfg.latency.backend, cfg.latency.backend_options())
         # the same resolution ``supernet.build`` applies, so budgets are checked against the searched space
         space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
         log.info("space:\n%s", space.describe())

@@ -65,8 +65,9 @@ class SpaceConfig:
                 raise SpaceError(f"space.{key} must be a non-empty list of fractions in (0, 1], got {vals}")
         for key in ("wbits", "abits", "lm_head_bits"):
             vals = list(getattr(self, key))
-            if not vals or any(int(b) not in (2, 3, 4, 8, 16) for b in vals):
-                raise SpaceError(f"space.{key} must be a non-empty list drawn from {{16, 8, 4, 3, 2}}, got {vals}")
+            # 6 and 5 exist as GGUF types (Q6_K, Q5_0/Q5_1/Q5_K); each backend refuses the bits it cannot run
+            if not vals or any(int(b) not in (2, 3, 4, 5, 6, 8, 16) for b in vals):
+                raise SpaceError(f"space.{key} must be a non-empty list drawn from {{16, 8, 6, 5, 4, 3, 2}}, got {vals}")
         if any(int(b) not in (8, 16) for b in self.abits):
             raise SpaceError(f"space.abits supports 16 and 8 (per-token dynamic int8), got {list(self.abits)}")
         if self.group_size <= 0 or self.width_multiple <= 0:

@@ -325,3 +325,10 @@ class LlamaCppLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Shape: ``input_ids [B, S]`` -> logits ``[B, S, vocab]`` float32."""
         return torch.stack([self.runner.logits(row) for row in input_ids.cpu()])
+
+
+def open_gguf_lm(path: str | Path, *, seq_len: int = 512, n_threads: int = 2, verify: bool = True) -> LlamaCppLM:
+    """A GGUF as a module ``archquant.evaluation`` can score (rows up to ``max(seq_len, 512)`` tokens);
+    close it with ``lm.runner.close()``."""
+    n_ctx = max(int(seq_len), 512)
+    return LlamaCppLM(LlamaCppRunner(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads, verify=verify))

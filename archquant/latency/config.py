@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCENARIOS = ("decode", "prefill")
 
@@ -24,6 +24,11 @@ class LatencyConfig:
         e2e_repeats: whole-model timings per depth when fitting the per-block / per-token overheads.
         out: where ``archquant-profile`` writes the table (None:
             ``latency_tables/<device>/<model>-<backend>-<scenario>.json``).
+        types: ``latency.backend=llamacpp``: GGUF types out of llama.cpp's CPU palette, each filling the
+            weight bit-width it is (``backends.llamacpp.ALLOWED_TYPES``: Q6_K is 6-bit, Q5_0 / Q5_1 / Q5_K
+            5-bit, Q4_0 / Q4_1 / Q4_K / IQ4_NL / IQ4_XS 4-bit, Q3_K 3-bit), e.g. ``[Q6_K,Q5_0,Q4_1]`` with
+            ``space.wbits=[16,8,6,5,4]``; bit-widths not named keep ``F16 / Q8_0 / Q4_0``. The tables, the
+            supernet, materialised subnets and exports all use these types.
     """
 
     backend: str = "llamacpp"
@@ -37,6 +42,15 @@ class LatencyConfig:
     min_run_time: float = 0.1
     e2e_repeats: int = 5
     out: str | None = None
+    types: list[str] = field(default_factory=list)
+
+    def backend_options(self) -> dict | None:
+        """The backend constructor's options this config sets (``get_backend(backend, options)``)."""
+        if not self.types:
+            return None
+        from archquant.backends.llamacpp import types_from_names
+
+        return {"types": types_from_names(self.types)}
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -47,6 +61,10 @@ class LatencyConfig:
             raise ValueError(f"latency.min_run_time must be > 0 seconds, got {self.min_run_time}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"latency.device must be cpu or cuda, got {self.device!r}")
+        if self.types and self.backend != "llamacpp":
+            raise ValueError(f"latency.types sets GGUF types, which only latency.backend=llamacpp has (got {self.backend!r})")
+        if self.types:
+            self.backend_options()  # names checked now: a bad type fails before any work
         for key in ("batch", "context", "prefill_len", "e2e_repeats"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"latency.{key} must be > 0, got {getattr(self, key)}")

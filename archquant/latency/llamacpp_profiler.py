@@ -428,7 +428,7 @@ def refit_llamacpp(cfg, dump: str | Path, *, out: str | Path | None = None, log:
 
     from archquant.backends import get_backend
     from archquant.core.space import resolve_space
-    from archquant.latency.loader import table_path
+    from archquant.latency.loader import table_path, types_tag
     from archquant.latency.scenario import Scenario
     from archquant.models.registry import load_model
 
@@ -436,12 +436,12 @@ def refit_llamacpp(cfg, dump: str | Path, *, out: str | Path | None = None, log:
     scenario = Scenario.from_config(cfg.latency)
     if saved["scenario"] != scenario.header():
         raise ValueError(f"{dump} timed {saved['scenario']}, not the configured {scenario.header()}")
-    backend = get_backend("llamacpp")
+    backend = get_backend("llamacpp", cfg.latency.backend_options())
     model, _ = load_model(cfg.model.name, seed=cfg.model.seed)
     space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
     shapes = [SubnetShape(**r["shape"]) for r in saved["subnets"]]
     samples = [r["samples"] for r in saved["subnets"]]
-    previous = Path(out or cfg.latency.out or table_path(cfg.model.name, backend.name, scenario, "cpu"))
+    previous = Path(out or cfg.latency.out or table_path(cfg.model.name, backend.name, scenario, "cpu", tag=types_tag(backend)))
     extra = {"refit_from": str(dump)}
     if previous.exists():  # keep the profiling run's provenance
         old = json.loads(previous.read_text())["header"]
@@ -464,17 +464,17 @@ def profile_llamacpp(cfg, *, budget_s: float | None = None, out: str | Path | No
 
     from archquant.backends import get_backend
     from archquant.core.space import resolve_space
-    from archquant.latency.loader import table_path
+    from archquant.latency.loader import table_path, types_tag
     from archquant.latency.scenario import Scenario
     from archquant.models.registry import load_model
 
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    backend = get_backend("llamacpp")
+    backend = get_backend("llamacpp", cfg.latency.backend_options())
     model, _ = load_model(cfg.model.name, seed=cfg.model.seed)
     space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
     scenario = Scenario.from_config(cfg.latency)
-    path = Path(out or cfg.latency.out or table_path(cfg.model.name, backend.name, scenario, "cpu"))
+    path = Path(out or cfg.latency.out or table_path(cfg.model.name, backend.name, scenario, "cpu", tag=types_tag(backend)))
     table = profile_table(model, space, scenario, cfg.latency, backend=backend, budget_s=budget_s, log=log,
                           dump=dump)
     table.save(path)

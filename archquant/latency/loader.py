@@ -46,10 +46,39 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-") or "model"
 
 
-def table_path(model_name: str, backend: str, scenario: Scenario, device: str = "cpu", root: Path | None = None) -> Path:
-    """Where ``archquant-profile`` writes the table of this model/backend/scenario on ``device``."""
+def types_tag(backend: Backend | None) -> str:
+    """``-q6_k-q5_0-q4_1`` for a llama.cpp backend whose types differ from its defaults, else ``""``."""
+    from archquant.backends.llamacpp import DEFAULT_TYPES
+
+    types = getattr(backend, "types", None)
+    if not types:
+        return ""
+    odd = [t for b, t in sorted(types.items(), reverse=True) if DEFAULT_TYPES.get(b) != t]
+    return "".join(f"-{t.lower()}" for t in odd)
+
+
+def table_path(model_name: str, backend: str, scenario: Scenario, device: str = "cpu", root: Path | None = None,
+               *, tag: str = "") -> Path:
+    """Where ``archquant-profile`` writes the table of this model/backend/scenario on ``device``; ``tag``
+    (``types_tag``) keeps a llama.cpp table of other GGUF types in its own file."""
     root = tables_root() if root is None else Path(root)
-    return root / device_name(device) / f"{model_slug(model_name)}-{backend}-{scenario.slug()}.json"
+    return root / device_name(device) / f"{model_slug(model_name)}-{backend}{tag}-{scenario.slug()}.json"
+
+
+def types_problem(table: LatencyTable, backend: Backend, space: Space) -> str | None:
+    """Why a llama.cpp table cannot price this space (its GGUF types differ for a bit-width the space uses)."""
+    types = getattr(backend, "types", None)
+    if not types:
+        return None
+    from archquant.backends.llamacpp import DEFAULT_TYPES
+
+    # a table without the record predates configurable types: it was profiled with the defaults
+    theirs = {int(k): v for k, v in (table.header.get("gguf_types") or DEFAULT_TYPES).items()}
+    used = {int(b) for b in space.wbits} | {int(b) for b in space.lm_head_bits}
+    diff = {b: (theirs.get(b), types[b]) for b in sorted(used) if theirs.get(b) != types.get(b)}
+    if not diff:
+        return None
+    return ", ".join(f"{b}-bit: table {t!r}, config {c!r}" for b, (t, c) in diff.items())
 
 
 def runtime_packages(backend: Backend) -> tuple[str, ...]:
@@ -96,6 +125,14 @@ def table_problems(table: LatencyTable, backend: Backend, scenario: Scenario, de
         if not theirs.same_workload(scenario):
             problems.append(f"it measures {theirs.header()}, the config asks for {scenario.header()}")
     return problems
+
+
+def _types_override(backend: Backend) -> str:
+    from archquant.backends.llamacpp import DEFAULT_TYPES
+
+    types = getattr(backend, "types", None) or {}
+    odd = {b: t for b, t in types.items() if DEFAULT_TYPES.get(b) != t}
+    return f" latency.types=[{','.join(t for _, t in sorted(odd.items(), reverse=True))}]" if odd else ""
 
 
 def _loud(msg: str) -> None:
@@ -148,7 +185,7 @@ def load_table_for(latency_cfg: LatencyConfig, space: Space, backend: Backend | 
         TableError: mismatching table under ``latency.strict=true``, or a table for another backend/model.
         BackendError: the space has bit-widths the backend cannot run.
     """
-    backend = get_backend(latency_cfg.backend) if backend is None else backend
+    backend = get_backend(latency_cfg.backend, latency_cfg.backend_options()) if backend is None else backend
     backend = get_backend(backend) if isinstance(backend, str) else backend
     scenario = Scenario.from_config(latency_cfg)
     device = latency_cfg.device
@@ -156,19 +193,26 @@ def load_table_for(latency_cfg: LatencyConfig, space: Space, backend: Backend | 
         table = LatencyTable.load(latency_cfg.table)
     else:
         paths = find_tables(space, backend.name, scenario.name, device)
+        # a llama.cpp table prices the GGUF types it timed: one of other types cannot stand in
+        paths = [p for p in paths if types_problem(LatencyTable.load(p), backend, space) is None]
         exact = [p for p in paths if Scenario.from_header(json.loads(p.read_text())["header"]).same_workload(scenario)]
         if not (exact or paths):
             elsewhere = sorted(str(p.relative_to(tables_root())) for p in tables_root().glob(f"*/*-{backend.name}-*.json"))
             _loud(
                 f"no profiled latency table for device {device_name(device)!r}, backend {backend.name!r}, scenario "
                 f"{scenario.slug()!r} and this model under {tables_root()}: using a ROOFLINE ESTIMATE (not measured). "
-                f"Run `archquant-profile latency.backend={backend.name} latency.scenario={scenario.name}` to measure one"
+                f"Run `archquant-profile latency.backend={backend.name} latency.scenario={scenario.name}"
+                f"{_types_override(backend)}` to measure one"
                 + (f"; tables exist for other devices: {elsewhere} (latency.table=<path> uses one)." if elsewhere else ".")
             )
             params = roofline_params(device)
             return LatencyModel(space, roofline_table(space, backend, scenario, params, device), backend)
         table = LatencyTable.load((exact or paths)[0])
     problems = table_problems(table, backend, scenario, device)
+    mismatch = types_problem(table, backend, space)
+    if mismatch:  # latency.table=<path> named a table of other GGUF types: its prices are not these types'
+        raise TableError(f"latency table {latency_cfg.table} was profiled for other GGUF types ({mismatch}); profile "
+                         f"these: archquant-profile latency.backend={backend.name}{_types_override(backend)}")
     if problems:
         where = table.header.get("path", latency_cfg.table)
         msg = f"latency table {where} may not describe this run: " + "; ".join(problems) + "."

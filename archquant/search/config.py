@@ -139,6 +139,11 @@ class ParetoConfig:
         include_full: add the original model (full width, 16-bit) as a reference point.
         uniform_bits: also add the full-width model with every linear and the lm_head at each of these
             weight bits (e.g. ``[8, 4]``: what plain uniform quantisation gives) as reference points.
+        presets: llama.cpp's own quantisation of the original model, one point per ``llama-quantize`` preset
+            (``Q8_0``, ``Q4_K_M``, ...; ``original`` is the model's own GGUF file), evaluated on llama.cpp's
+            logits and timed with the other points (``latency.backend=llamacpp`` only). None: the backend's
+            default (llama.cpp: ``original, Q8_0, Q6_K, Q5_K_M, Q5_0, Q4_K_M, Q4_1, Q4_0, Q3_K_M``; none
+            elsewhere); ``[]``: none.
         measure: time every point in the serving backend (else the predicted latency is used, and said).
         timing_rounds: the points are timed together, in at least this many rounds that each time every point
             once (rotated order), and a point's latency is the median over rounds: the machine's drift then
@@ -161,6 +166,7 @@ class ParetoConfig:
     baselines: list[str] = field(default_factory=list)
     include_full: bool = True
     uniform_bits: list[int] = field(default_factory=list)
+    presets: list[str] | None = None
     measure: bool = True
     timing_rounds: int = 3
     timing_max_rounds: int = 15
@@ -179,6 +185,23 @@ class ParetoConfig:
             raise ValueError(f"pareto.timing_ci must be > 0 and finite (a relative half-width), got {self.timing_ci}")
         if not 0 < self.timing_confidence < 1:
             raise ValueError(f"pareto.timing_confidence must be in (0, 1), got {self.timing_confidence}")
+        if self.presets is not None:
+            from archquant.engine.presets import check_presets
+
+            self.presets = check_presets(self.presets)
+
+    def resolved_presets(self, backend: str) -> list[str]:
+        """The presets to put on a front served by ``backend`` (``presets``, or the backend's default)."""
+        from archquant.engine.presets import DEFAULT_PRESETS
+
+        if self.presets is None:
+            return list(DEFAULT_PRESETS) if backend == "llamacpp" else []
+        if self.presets and backend != "llamacpp":
+            from archquant.utils.errors import UserError
+
+            raise UserError(f"pareto.presets={self.presets} are llama.cpp files; they go on a latency.backend=llamacpp "
+                            "front (set pareto.presets=[] for this backend)")
+        return list(self.presets)
 
 
 @dataclass

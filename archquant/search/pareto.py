@@ -28,7 +28,8 @@ class ParetoPoint:
 
     Attributes:
         name: unique label (e.g. ``search@12ms``, ``full``).
-        source: ``search``, ``full`` (the original model), ``uniform`` (full width at uniform bits) or ``baseline``.
+        source: ``search``, ``full`` (the original model), ``uniform`` (full width at uniform bits), ``preset``
+            (llama.cpp's own quantisation of the original, ``extra["gguf"]`` its file) or ``baseline``.
         arch: the ``Arch`` record as a dict (None for the original model).
         budget_ms: the latency target it was searched for.
         predicted_ms, predicted_mb: the latency model's predictions.
@@ -254,7 +255,12 @@ def plot_front(
     )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [p for p in points if p.latency_ms is not None and y(p) is not None]
-    ax.scatter([p.latency_ms for p in pts], [y(p) for p in pts], c="0.6", label="all points", zorder=2)
+    ours = [p for p in pts if p.source != "preset"]
+    ax.scatter([p.latency_ms for p in ours], [y(p) for p in ours], c="0.6", label="all points", zorder=2)
+    presets = [p for p in pts if p.source == "preset"]
+    if presets:  # llama.cpp's own quantisation of the original: the baseline a CPU user already has
+        ax.scatter([p.latency_ms for p in presets], [y(p) for p in presets], marker="s", facecolors="none",
+                   edgecolors="C3", label="llama-quantize presets", zorder=2)
     timed = [p for p in pts if p.latency_interval is not None]
     if timed:  # a point's latency is a median over rounds; the bar is its interval (measure_interleaved)
         levels = sorted({round(p.latency_ci_level, 3) for p in timed if p.latency_ci_level is not None})
