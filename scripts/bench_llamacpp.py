@@ -1,8 +1,10 @@
 """The original Q4_1 GGUF and compressed subnets, served by llama.cpp on this CPU: speed, size, quality.
 
-For each point: decode ms/token (context C) and prefill ms (S tokens) timed in llama.cpp, GGUF file
-size, WikiText-2 perplexity and a zero-shot subset scored on llama.cpp's own logits, and the latency
-the committed llama.cpp tables predict.
+For each point: decode ms/token (context C) and prefill ms (S tokens) timed in llama.cpp with the
+interval of their median over rounds, GGUF file size, perplexity on the whole WikiText-2 raw test set
+(``--ppl-windows 0``, the default) and a zero-shot subset scored on llama.cpp's own logits, and the
+latency the committed llama.cpp tables predict. Points: the original file, llama.cpp's own presets of the
+original (``--presets``; default the Pareto front's), and archquant's (a front, architectures, exports).
 
 Timing runs after every point is evaluated, in ``--rounds`` interleaved rounds (each round runs one
 llama.cpp session per file and scenario, in a rotated order) so that the machine's drift hits all
@@ -60,6 +62,9 @@ def _load_points(args) -> list[dict]:
             elif arch:
                 path = Path(arch) if Path(arch).is_absolute() else base / arch
                 points.append({"name": name, "arch": Arch.load(path), "record": {}})
+            elif p.get("source") == "preset":  # llama.cpp's own file, made by archquant-pareto
+                points.append({"name": name, "gguf": Path((p.get("extra") or {})["gguf"]), "record": {},
+                               "kind": "preset"})
             elif p.get("source") == "full":
                 points.append({"name": name, "arch": "full", "record": {}})  # the original shape, resolved below
             else:
@@ -135,6 +140,9 @@ def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: in
         rows[i][f"{name}_ms"] = round(m.ms, 3)
         rows[i][f"{name}_median_ms"] = round(m.details["median_ms"], 3)
         rows[i][f"{name}_rounds_ms"] = [round(x, 3) for x in m.samples]
+        if m.ci_ms is not None:  # the spread: an order-statistic interval of the median over rounds
+            rows[i][f"{name}_ci_ms"] = [round(x, 3) for x in m.ci_ms]
+            rows[i][f"{name}_ci_level"] = m.ci_level
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -145,17 +153,26 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "decode_ms", "decode ms/token"), (axes[1], "prefill_ms", "prefill ms")):
+        style = {"original": ("*", "tab:red", "original file"), "preset": ("s", "tab:orange", "llama-quantize preset"),
+                 "archquant": ("o", "tab:blue", "archquant point")}
+        seen = set()
         for r in rows:
             if key not in r or "wikitext2_ppl" not in r:
                 continue
-            orig = r["name"].startswith("original")
-            ax.scatter(r[key], r["wikitext2_ppl"], s=20 + r["file_mb"], marker="*" if orig else "o",
-                       color="tab:red" if orig else "tab:blue", alpha=0.8)
+            marker, color, label = style.get(r.get("kind", "archquant"), style["archquant"])
+            ci = r.get(key.replace("_ms", "_ci_ms"))
+            if ci:
+                ax.errorbar(r[key], r["wikitext2_ppl"], xerr=[[r[key] - ci[0]], [ci[1] - r[key]]], fmt="none",
+                            ecolor="0.5", elinewidth=1, capsize=2)
+            ax.scatter(r[key], r["wikitext2_ppl"], s=20 + r["file_mb"], marker=marker, color=color, alpha=0.8,
+                       label=None if label in seen else label)
+            seen.add(label)
             ax.annotate(r["name"], (r[key], r["wikitext2_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"llama.cpp {label} (median of session minima)")
         ax.set_ylabel("WikiText-2 perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle("llama.cpp on this CPU (marker area ~ GGUF MB)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--ppl-seq-len", type=int, default=512)
-    ap.add_argument("--ppl-windows", type=int, default=40, help="WikiText-2 windows (None-like: 0 = all)")
+    ap.add_argument("--ppl-windows", type=int, default=0, help="WikiText-2 windows (0 = the whole test set)")
+    ap.add_argument("--presets", nargs="*", default=None,
+                    help="llama-quantize presets of the original to add (default: pareto.presets' llama.cpp default)")
     ap.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy"])
     ap.add_argument("--limit", type=int, default=200, help="rows per zero-shot task")
     ap.add_argument("--seed", type=int, default=0)
@@ -194,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     from archquant.data.calibration import calibration_blocks
     from archquant.engine.gguf_writer import export_gguf
     from archquant.engine.llamacpp import require_llama_cpp
+    from archquant.engine.presets import DEFAULT_PRESETS, ORIGINAL, preset_files
     from archquant.latency.config import LatencyConfig
     from archquant.latency.llamacpp_profiler import sample_archs
     from archquant.latency.loader import find_tables
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
     from archquant.models.registry import load_model
     from archquant.supernet import Arch, build, materialize
+    from archquant.utils.paths import cache_dir
 
     require_llama_cpp()
     points = _load_points(args)
@@ -228,7 +249,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_original and args.model == EMBEDDED_NAME:
         orig = ensure_embedded_gguf()
         print(f"original: {orig}")
-        rows.append({"name": "original-Q4_1", **evaluate_gguf(orig, tok, args, tables)})
+        rows.append({"name": "original-Q4_1", "kind": "original", **evaluate_gguf(orig, tok, args, tables)})
+    presets = [n for n in (DEFAULT_PRESETS if args.presets is None else args.presets) if n != ORIGINAL]
+    if presets:
+        files = preset_files(model, cache_dir() / "presets" / args.model, presets,
+                             source_gguf=ensure_embedded_gguf() if args.model == EMBEDDED_NAME else None,
+                             tokenizer=tok, threads=args.threads)
+        for name, path in files.items():
+            print(f"preset {name}: {path}")
+            rows.append({"name": f"preset-{name}", "kind": "preset", **evaluate_gguf(path, tok, args, tables)})
     needs_sn = any("arch" in p for p in points)
     sn = None
     if needs_sn:
@@ -242,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
                 arch = _for_llamacpp(Arch.full(space) if p["arch"] == "full" else p["arch"], space)
             path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{i:03d}.gguf", **src)
             print(f"{p['name']}: {arch.summary() if arch else path}")
-            row = {"name": p["name"], **p.get("record", {}), **evaluate_gguf(Path(path), tok, args, tables, arch)}
+            row = {"name": p["name"], "kind": p.get("kind", "archquant"), **p.get("record", {}),
+                   **evaluate_gguf(Path(path), tok, args, tables, arch)}
             if arch is not None:
                 row["arch"] = arch.summary()
             rows.append(row)

@@ -249,3 +249,37 @@ def test_uniform_reference_points_join_the_front_and_export_when_picked(tmp_path
 
     with pytest.raises(UserError, match="pareto.uniform_bits has 3"):
         pareto_job(_cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.uniform_bits=[3]"], tmp_path), session=session)
+
+
+def test_prune_quantise_baseline_joins_the_front_at_the_searched_budgets(tmp_path, feasible):
+    from archquant.commands.pareto import pareto_job
+    from archquant.commands.search import search_job
+    from archquant.commands.session import Session
+    from archquant.core.arch import Arch
+    from archquant.search.baselines import BaselineError, prune_quantise
+
+    session = Session.load(_cfg(TINY, tmp_path))
+    lm, space = session.latency_model, session.space
+    lo, hi = feasible.min_ms, feasible.max_ms
+    cands = {(c.bits, c.target_ms): c for c in prune_quantise(space, lm, [lo * 0.5, lo + 0.5 * (hi - lo), hi])}
+    for b in (8, 4):
+        assert cands[(b, lo * 0.5)].arch is None  # below the fastest subnet: reported, not dropped
+        mid, top = cands[(b, lo + 0.5 * (hi - lo))], cands[(b, hi)]
+        for c in (mid, top):
+            assert c.predicted_ms <= c.target_ms and c.arch.is_uniform()
+            assert all(la.keep and set(la.wbits.values()) == {b} for la in c.arch.layers)
+        assert top.predicted_mb >= mid.predicted_mb  # a looser target never prunes more
+        # the largest shape meeting the target: no uniform shape of more MB at these bits fits
+        assert Arch.full(space, bits=b).to_dict() == top.arch.to_dict()
+
+    budget = _budget(feasible, 0.5)
+    search_job(_cfg(TINY + ["search.steps=4", f"budget.latency_ms={budget}"], tmp_path), session=session,
+               out_dir=tmp_path / "sweep" / "a", progress=False)
+    cfg = _cfg(TINY + [f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.baselines=[prune_quantise]"], tmp_path)
+    points, _ = pareto_job(cfg, session=session)
+    base = [p for p in points if p.extra.get("baseline") == "prune_quantise"]
+    assert {p.extra["bits"] for p in base} == {8, 4} and all(p.budget_ms == budget for p in base)
+    for p in base:
+        assert p.extra.get("unmet") or (p.measured_ms > 0 and p.ppl > 1)
+    with pytest.raises(BaselineError, match=r"'sequential'.*prune_quantise"):
+        _cfg(TINY + ["pareto.baselines=[sequential]"], tmp_path)

@@ -16,6 +16,7 @@ from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.evaluation import EvalConfig, evaluate
 from archquant.latency.measure import measure_interleaved, prepare_timer
+from archquant.search.baselines import check_baselines, prune_quantise
 from archquant.search.pareto import (
     MEASURED_FIELDS,
     ParetoPoint,
@@ -122,6 +123,31 @@ def uniform_points(session: Session, bits_list) -> list[ParetoPoint]:
     return out
 
 
+def baseline_points(names: list[str], points: list[ParetoPoint], session: Session) -> list[ParetoPoint]:
+    """Built-in sequential baselines (``pareto.baselines``) at the latency targets of the collected searches.
+
+    A target nothing in a baseline's family meets is kept as a point without an architecture
+    (``extra.unmet``), so ``pareto.json`` says so.
+    """
+    if "prune_quantise" not in names:
+        return []
+    targets = sorted({p.budget_ms for p in points if p.source == "search" and p.budget_ms is not None})
+    if not targets:
+        raise UserError("pareto.baselines=[prune_quantise] prunes to the searched budgets, but pareto.runs has no "
+                        "search run with a latency budget")
+    out = []
+    for c in prune_quantise(session.space, session.latency_model, targets):
+        extra = {"baseline": "prune_quantise", "bits": c.bits, "target_ms": c.target_ms}
+        if c.arch is None:
+            log.warning("%s: no uniform pruned shape at %d bits meets %.4g ms", c.name, c.bits, c.target_ms)
+            out.append(ParetoPoint(name=c.name, source="baseline", budget_ms=c.target_ms, extra={**extra, "unmet": True}))
+            continue
+        out.append(ParetoPoint(name=c.name, source="baseline", arch=c.arch.to_dict(), budget_ms=c.target_ms,
+                               predicted_ms=c.predicted_ms, predicted_mb=c.predicted_mb, memory_mb=c.predicted_mb,
+                               extra=extra))
+    return out
+
+
 def preset_points(cfg, session: Session) -> list[ParetoPoint]:
     """llama.cpp's own presets of the original model (``pareto.presets``), made once into ``<out_dir>/presets``."""
     from archquant.engine.presets import ORIGINAL, preset_files
@@ -166,8 +192,9 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
             "pareto.runs is empty: pass the search folders to collect, e.g. "
             "archquant-pareto 'pareto.runs=[multirun/archquant-search/2026-01-01_12-00-00]'"
         )
+    builtin = check_baselines(cfg.pareto.baselines)
     points = collect_runs(cfg.pareto.runs)
-    for path in cfg.pareto.baselines:  # a baseline's figures are its own: no twin link from the file it came from
+    for path in (b for b in cfg.pareto.baselines if b not in builtin):  # a file's figures are its own: no twin link
         points += [dataclasses.replace(p, source="baseline", extra={k: v for k, v in p.extra.items() if k != "same_arch_as"})
                    for p in load_points(path)]
     if not points:
@@ -189,6 +216,7 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
             )
         )
     points += uniform_points(session, cfg.pareto.uniform_bits)
+    points += baseline_points(builtin, points, session)
     points += preset_points(cfg, session)
     unique_names(points)
     t0 = time.perf_counter()

@@ -135,7 +135,9 @@ class ParetoConfig:
 
     Attributes:
         runs: folders searched recursively for ``search.json`` (e.g. a ``-m`` sweep folder).
-        baselines: JSON files of extra points (``{"points": [...]}``, same fields as ``pareto.json``).
+        baselines: built-in sequential baselines by name (``prune_quantise``: importance pruning to one uniform
+            shape, then uniform quantisation, at each searched budget; ``archquant.search.baselines``) and/or
+            JSON files of extra points (``{"points": [...]}``, same fields as ``pareto.json``).
         include_full: add the original model (full width, 16-bit) as a reference point.
         uniform_bits: also add the full-width model with every linear and the lm_head at each of these
             weight bits (e.g. ``[8, 4]``: what plain uniform quantisation gives) as reference points.
@@ -185,6 +187,9 @@ class ParetoConfig:
             raise ValueError(f"pareto.timing_ci must be > 0 and finite (a relative half-width), got {self.timing_ci}")
         if not 0 < self.timing_confidence < 1:
             raise ValueError(f"pareto.timing_confidence must be in (0, 1), got {self.timing_confidence}")
+        from archquant.search.baselines import check_baselines
+
+        check_baselines(self.baselines)
         if self.presets is not None:
             from archquant.engine.presets import check_presets
 

@@ -1,0 +1,104 @@
+"""Sequential baselines: compress in two separate steps, for the front to compare the joint search with.
+
+``prune_quantise`` (Minitron-style): the supernet's channels are ordered by importance (its
+calibration-based scores; ``supernet.importance``), so a *uniform* shape (the same hidden size, MLP
+width and KV-group count in every block, every block kept) is importance pruning. Per quantised
+bit-width ``b`` it keeps the largest uniform shape (weight MB) whose predicted latency with every
+linear and the lm_head at ``b`` meets the target, ties to the faster. One architecture per
+(target, b); the Pareto stage evaluates and times each like any point and ``best_meeting`` keeps, per
+target, the one with the lowest perplexity among those whose measured latency meets it.
+
+A target nothing in the family meets is reported (``unmet``), not dropped silently.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from archquant.core.arch import Arch
+from archquant.core.space import Space
+from archquant.utils.errors import UserError
+
+BASELINES = ("prune_quantise",)
+
+
+class BaselineError(UserError, ValueError):
+    """An unknown baseline name."""
+
+
+def check_baselines(names) -> list[str]:
+    """Built-in baseline names among ``pareto.baselines`` entries (files are left to the caller)."""
+    out = []
+    for name in names:
+        if str(name).endswith(".json"):
+            continue
+        if name not in BASELINES:
+            raise BaselineError(f"pareto.baselines has {name!r}: neither a built-in baseline ({list(BASELINES)}) nor a "
+                                "points file (*.json)")
+        out.append(str(name))
+    return out
+
+
+@dataclass
+class Candidate:
+    """One baseline architecture for one target."""
+
+    name: str
+    target_ms: float
+    bits: int
+    arch: Arch | None  # None: nothing in the family meets the target at these bits
+    predicted_ms: float | None = None
+    predicted_mb: float | None = None
+
+
+def uniform_shape(space: Space, hidden: int, mlp: int, kv_groups: int, bits: int) -> Arch:
+    """Every block kept at one shape, every linear and the lm_head at ``bits`` (where the space allows)."""
+    gates = space.gates()
+    choice = {n: v[0] for n, v in gates.items()}
+    choice["hidden"] = hidden
+    choice["lm_head.wbits"] = bits if bits in gates["lm_head.wbits"] else gates["lm_head.wbits"][-1]
+    for name in gates:
+        if name.endswith(".mlp"):
+            choice[name] = mlp
+        elif name.endswith(".kv_groups"):
+            choice[name] = kv_groups
+        elif ".wbits." in name:
+            choice[name] = bits
+    return Arch.from_choices(space, choice)
+
+
+def prune_quantise(space: Space, latency_model, targets_ms, bits_list=None) -> list[Candidate]:
+    """Per target and quantised bit-width, the largest importance-pruned uniform shape meeting the target.
+
+    Args:
+        space: the resolved space (its width choices are the pruning grid).
+        latency_model: predicts ms and MB of an ``Arch``.
+        targets_ms: latency targets.
+        bits_list: quantised bit-widths to try (default: every one below 16 the space has).
+    """
+    bits_list = [b for b in (bits_list or space.wbits) if int(b) < 16]
+    if not bits_list:
+        raise BaselineError("prune_quantise quantises uniformly but space.wbits has no bit-width below 16")
+    shapes = list(itertools.product(space.hidden, space.mlp, space.kv_groups))
+    out = []
+    for b in bits_list:
+        priced = []
+        for h, m, kv in shapes:
+            arch = uniform_shape(space, h, m, kv, int(b))
+            priced.append((latency_model.predict_ms(arch), latency_model.predict_mb(arch), arch))
+        for t in targets_ms:
+            fits = [p for p in priced if p[0] <= t]
+            name = f"prune_quantise-w{b}@{t:g}ms"
+            if not fits:
+                out.append(Candidate(name, float(t), int(b), None))
+                continue
+            ms, mb, arch = max(fits, key=lambda p: (p[1], -p[0]))
+            out.append(Candidate(name, float(t), int(b), arch, ms, mb))
+    return out
+
+
+def best_meeting(points, target_ms: float):
+    """The lowest-perplexity point whose latency (measured where it was) meets ``target_ms``; None if none does."""
+    ok = [p for p in points if p.latency_ms is not None and p.latency_ms <= target_ms and p.ppl is not None]
+    return min(ok, key=lambda p: p.ppl) if ok else None
