@@ -160,3 +160,18 @@ def test_q4_1_of_the_embedded_q4_1_weights_reproduces_its_blocks():
         assert np.array_equal(quant.pack(w, "Q4_1", torch.rand(w.shape[1]) + 0.1), raw)  # the search finds the grid too
         seen += 1
     assert seen == len(names)
+
+
+@pytest.mark.parametrize("weight_type", ["Q8_0", "Q4_1", "Q6_K"])
+def test_activation_blocks_of_subnormal_values_quantise_to_zero_not_nan(weight_type):
+    """127 / amax overflows for a block of subnormals; its fp16 (or fp32) scale is 0 in ggml, so its values are 0.
+    (A search on the llama.cpp backend once stopped on a NaN loss from such a block after a narrow MLP choice.)"""
+    from archquant.quant.gguf.activations import act_as_type
+
+    x = torch.randn(2, 256)
+    x[0] = 0.0
+    x[0, :32] = 1e-40
+    x[0, 7] = -3e-40
+    y = act_as_type(x, weight_type)
+    assert torch.isfinite(y).all() and y[0].abs().max() == 0
+    assert (y[1] - x[1]).abs().max() < 0.02 * x[1].abs().max()  # ordinary rows are untouched by the guard

@@ -38,7 +38,10 @@ def quantize_act_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = b.abs().amax(dim=-1, keepdim=True)
     d = amax / 127
     safe = torch.where(amax == 0, torch.ones_like(amax), amax)
-    inv = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / safe)
+    inv = 127.0 / safe
+    # a block of (near-)subnormal values overflows 127 / amax; its fp16 scale is 0, so its values are 0 in
+    # ggml whatever the codes: codes 0 keep that (and keep 0 * inf = NaN out of the supernet)
+    inv = torch.where((amax == 0) | ~torch.isfinite(inv), torch.zeros_like(inv), inv)
     q = torch.round(b * inv)  # _mm256_round_ps(_MM_ROUND_NEAREST): half to even, as torch.round
     return q.reshape(x.shape), d.squeeze(-1).half()
 
@@ -52,6 +55,7 @@ def quantize_act_q8k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mx = torch.gather(b, -1, b.abs().argmax(dim=-1, keepdim=True))
     # torch.div, not ``-127.0 / mx``: a scalar over a tensor is reciprocal-then-multiply, two roundings
     iscale = torch.where(mx == 0, torch.zeros_like(mx), torch.div(torch.full_like(mx, -127.0), torch.where(mx == 0, torch.ones_like(mx), mx)))
+    iscale = torch.where(torch.isfinite(iscale), iscale, torch.zeros_like(iscale))  # subnormal blocks: as above
     q = torch.round(iscale * b).clamp(max=127)  # nearest_int: the 1.5 * 2^23 trick rounds half to even
     return q.reshape(x.shape), recip(iscale).squeeze(-1)
 
