@@ -224,3 +224,36 @@ def test_sliding_window_attention_is_rejected():
                         num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)
     with pytest.raises(UnsupportedModelError, match="sliding_window=16"):
         build(MistralForCausalLM(cfg), tiny_space())
+
+
+def test_block_quantised_backends_sort_whole_blocks_so_a_model_on_the_grid_requantises_losslessly(tmp_path, calib):
+    """llama.cpp stores weights in blocks of 32 along the input: the importance sort moves whole blocks, so a model
+    whose weights already lie on Q4_1's grid (as the embedded default does) materialises at Q4_1 unchanged."""
+    from archquant.backends.llamacpp import LlamaCppBackend
+    from archquant.quant import gguf as quant
+    from archquant.supernet import materialize
+
+    model = tiny_model(layers=2)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.copy_(quant.weight_as_type(mod.weight, "Q4_1"))
+    backend = LlamaCppBackend({4: "Q4_1"})
+    space_cfg = tiny_space(hidden=[1.0, 0.75, 0.5], mlp=[1.0, 0.5])
+    imp = compute_importance(model, calib)
+    space = resolve_space(backend.restrict_space(space_cfg, model.config), model.config)
+    assert backend.permutation_block(space) == 32
+    perm = make_permutation(imp, space, block=32)
+    for p in [perm.hidden, *perm.mlp]:
+        assert p is not None and not torch.equal(p, torch.arange(p.numel()))  # something was reordered...
+        blocks = p.reshape(-1, 32)
+        assert torch.equal(blocks - blocks[:, :1], torch.arange(32).expand_as(blocks))  # ...in whole blocks
+        assert torch.equal(blocks[:, 0] % 32, torch.zeros(blocks.shape[0], dtype=blocks.dtype))
+    sums = imp.hidden.reshape(-1, 32).sum(1)
+    assert torch.all(sums[perm.hidden.reshape(-1, 32)[:, 0] // 32].diff() <= 0)  # most important block first
+
+    sn = build(model, space_cfg, backend=backend, calib_ids=calib, cache_dir=tmp_path)
+    sub = materialize(sn, Arch.full(sn.space, bits=4))
+    for layer in sub.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            torch.testing.assert_close(lin.quantized_weight(), lin.weight, rtol=0, atol=0)

@@ -51,6 +51,11 @@ class Backend:
             return num_weights * 2.0
         return num_weights * bits / 8.0 + num_weights / group_size * 3.0
 
+    def permutation_block(self, space) -> int:
+        """Units the supernet's importance sort must keep together along an input dimension (1: any order; a
+        block-quantised format returns its block, so that each stored block stays whole)."""
+        return 1
+
     def restrict_space(self, space_config, model_config):
         """Return the space config with choices the engine cannot run removed (default: unchanged)."""
         return space_config

@@ -95,6 +95,12 @@ class LlamaCppBackend(Backend):
     def options(self) -> dict:
         return {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
 
+    def permutation_block(self, space) -> int:
+        """The largest block of the space's quantised types (32, or 256 with a K-quant): kept whole by the
+        importance sort, so a model that is already on a type's grid re-quantises to it losslessly."""
+        bits = {int(b) for b in space.wbits} | {int(b) for b in space.lm_head_bits}
+        return max([quant.block_size(self.gguf_type(b)) for b in bits if b < 16], default=1)
+
     def row_types_problem(self, space) -> str | None:
         """Why a space's reachable row lengths cannot hold its types (None when they can): a K-quant needs
         every row of the tensors it may store to be a multiple of 256."""

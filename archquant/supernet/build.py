@@ -112,7 +112,7 @@ def build(
     init_logits: dict[str, torch.Tensor] = {}
     fp = space.fingerprint
     if importance is not None:
-        perm = make_permutation(importance, space)
+        perm = make_permutation(importance, space, be.permutation_block(space))
         state = permute_state(state, perm, cfg)
         rope_perms = [perm.rope_perm(l, fp["head_dim"]) for l in range(cfg.num_hidden_layers)]
         if space.depth:

@@ -38,8 +38,24 @@ def _desc(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(scores.float(), descending=True, stable=True)
 
 
-def make_permutation(imp: Importance, space: Space) -> Permutation:
-    """Sort each searchable dimension by its importance score, most important first."""
+def _desc_blocks(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Sort whole blocks of ``block`` consecutive units by their summed score, keeping the order inside a block."""
+    if block <= 1 or scores.numel() % block:
+        return _desc(scores)
+    order = _desc(scores.float().reshape(-1, block).sum(1))
+    return (order[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+
+
+def make_permutation(imp: Importance, space: Space, block: int = 1) -> Permutation:
+    """Sort each searchable dimension by its importance score, most important first.
+
+    ``block`` > 1 (a backend whose weights are stored in blocks along the input dimension, llama.cpp's
+    32 / 256): hidden channels and MLP neurons move in whole blocks, so a block of the original weight
+    stays one block of the permuted one. A model that arrives quantised (the embedded Q4_1 file) then
+    re-quantises losslessly to its own type; sorting channel by channel scattered every block (measured:
+    uniform Q4_1 of SmolLM2 at ppl 62.6 importance-sorted, 44.6 unpermuted). Widths are multiples of the
+    block on that backend, so pruning a prefix of blocks is all the search can do anyway.
+    """
     fp = space.fingerprint
     n_layers, n_kv = fp["num_hidden_layers"], fp["num_key_value_heads"]
     qpg = fp["num_attention_heads"] // n_kv
@@ -55,8 +71,8 @@ def make_permutation(imp: Importance, space: Space) -> Permutation:
         search_hd = len(space.head_dim) > 1
         pairs.append(_desc(imp.pairs[l]) if search_hd else None)
         vdims.append(_desc(imp.vdims[l]) if search_hd else None)
-        mlp.append(_desc(imp.neurons[l]) if len(space.mlp) > 1 else None)
-    hidden = _desc(imp.hidden) if len(space.hidden) > 1 else None
+        mlp.append(_desc_blocks(imp.neurons[l], block) if len(space.mlp) > 1 else None)
+    hidden = _desc_blocks(imp.hidden, block) if len(space.hidden) > 1 else None
     return Permutation(hidden=hidden, kv=kv, heads=heads, pairs=pairs, vdims=vdims, mlp=mlp)
 
 
