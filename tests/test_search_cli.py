@@ -283,3 +283,28 @@ def test_prune_quantise_baseline_joins_the_front_at_the_searched_budgets(tmp_pat
         assert p.extra.get("unmet") or (p.measured_ms > 0 and p.ppl > 1)
     with pytest.raises(BaselineError, match=r"'sequential'.*prune_quantise"):
         _cfg(TINY + ["pareto.baselines=[sequential]"], tmp_path)
+
+
+def test_a_search_result_worse_than_a_reference_meeting_the_budget_is_replaced(tmp_path, feasible):
+    from archquant.commands.search import check_references, held_out_kd
+    from archquant.commands.session import Session
+    from archquant.core.arch import Arch
+    from archquant.search.result import SearchResult
+
+    cfg = _cfg(TINY + [f"budget.latency_ms={feasible.max_ms}"], tmp_path)
+    session = Session.load(cfg)
+    _, val = session.targets()
+    space = session.space
+    gates = space.gates()
+    worst = {n: v[-1] for n, v in gates.items()}  # narrowest, lowest bits, blocks skipped
+    worst.update({f"layers.{i}.keep": 1 for i in range(space.num_layers)})
+    bad = Arch.from_choices(space, worst)
+    lm = session.latency_model
+    res = SearchResult(arch=bad, predicted_ms=lm.predict_ms(bad), predicted_mb=lm.predict_mb(bad),
+                       argmax_predicted_ms=lm.predict_ms(bad), meets_budget=True, stop_reason="max_steps", steps=1)
+    out = check_references(res, session, cfg, val)
+    assert out.reference is not None and out.reference["searched_val_kd"] > out.reference["val_kd"]
+    assert out.arch.to_dict() != bad.to_dict() and out.predicted_ms <= feasible.max_ms * (1 + 1e-6)
+    assert abs(held_out_kd(session.materialize(out.arch), val, cfg.search.kd_temperature) - out.val_kd) < 1e-6
+    again = check_references(out, session, cfg, val)  # the best reference is not replaced by itself
+    assert again.arch.to_dict() == out.arch.to_dict()

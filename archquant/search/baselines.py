@@ -102,3 +102,25 @@ def best_meeting(points, target_ms: float):
     """The lowest-perplexity point whose latency (measured where it was) meets ``target_ms``; None if none does."""
     ok = [p for p in points if p.latency_ms is not None and p.latency_ms <= target_ms and p.ppl is not None]
     return min(ok, key=lambda p: p.ppl) if ok else None
+
+
+def reference_candidates(space: Space, latency_model, budget_ms: float) -> list[tuple[str, Arch]]:
+    """The simple architectures a search at ``budget_ms`` must do at least as well as: every block kept at full
+    width with every linear at one quantised bit-width, and the ``prune_quantise`` shapes, where they meet it."""
+    out = []
+    for b in sorted({int(b) for b in space.wbits}, reverse=True):
+        arch = uniform_shape(space, max(space.hidden), max(space.mlp), max(space.kv_groups), b)
+        if latency_model.predict_ms(arch) <= budget_ms * (1 + 1e-6):
+            out.append((f"uniform-w{b}", arch))
+    seen = {json_key(a) for _, a in out}
+    for c in prune_quantise(space, latency_model, [budget_ms]) if any(int(b) < 16 for b in space.wbits) else []:
+        if c.arch is not None and json_key(c.arch) not in seen:
+            seen.add(json_key(c.arch))
+            out.append((c.name, c.arch))
+    return out
+
+
+def json_key(arch: Arch) -> str:
+    import json
+
+    return json.dumps(arch.to_dict(), sort_keys=True)

@@ -50,6 +50,9 @@ class SearchConfig:
         teacher_topk: teacher logits kept per token for KD (0 = all); the rest of the mass is one "tail"
             bucket, so the loss is a KL between coarsened distributions (exact when nothing is cut).
         ce_weight: weight of the next-token cross-entropy added to the KD term (0 = KD only).
+        reference_check: after the search, score the found arch and the simple references that meet the
+            latency budget (full width at one quantised bit-width; importance-pruned uniform shapes) by
+            held-out KD on materialised models, and keep the best (``search.json`` records a replacement).
         repair: after the argmax, move open gates to cheaper choices (least probability lost first)
             until the predicted latency/memory meet the budget.
         keep_checkpoints: how many recent checkpoints to keep.
@@ -81,6 +84,7 @@ class SearchConfig:
     teacher_topk: int = 64
     ce_weight: float = 0.0
     repair: bool = True
+    reference_check: bool = True
     keep_checkpoints: int = 2
     mix_outputs_max_tokens: int = 0
     width_prior: float = 3.0

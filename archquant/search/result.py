@@ -24,6 +24,8 @@ class SearchResult:
         repair_moves: ``(gate, from, to)`` changes made by the budget repair.
         val_kd: KD of ``arch`` to the teacher on held-out blocks (None without them).
         wall_s: wall time of the loop in this process.
+        reference: when a simple reference architecture meeting the budget had a lower held-out KD than the
+            searched one and replaced it (``search.reference_check``): its name and both KDs.
     """
 
     arch: Arch
@@ -38,6 +40,7 @@ class SearchResult:
     repair_moves: list = field(default_factory=list)
     val_kd: float | None = None
     wall_s: float = 0.0
+    reference: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """The scalar part (for ``search.json``'s ``result`` and logs)."""
@@ -50,6 +53,7 @@ class SearchResult:
             "stop_reason": self.stop_reason,
             "steps": self.steps,
             "val_kd": self.val_kd,
+            "reference": self.reference,
             "wall_s": self.wall_s,
             "repair_moves": [list(m) for m in self.repair_moves],
         }
