@@ -141,7 +141,7 @@ def distill_and_export(cfg, session: Session, out: Path, chosen: ParetoPoint | N
     else:
         try:
             ecfg = dataclasses.replace(cfg, out_dir=str(out), export=dataclasses.replace(
-                cfg.export, record=str(out / cfg.slo.output), out=str(out / cfg.export.out), overwrite=True))
+                cfg.export, record=str(out / cfg.slo.output), out=cfg.export.out, overwrite=True))  # out: under out_dir
             summary = export_model(ecfg, session, model, arch, extra=extra)
             notes["export"] = f"done: {summary.get('folder')} {summary.get('formats')}"
         except Exception as err:  # noqa: BLE001
