@@ -44,6 +44,12 @@ def test_presets_are_llama_quantize_files_and_are_reused(tiny, tmp_path):
     mtimes = {k: p.stat().st_mtime_ns for k, p in files.items()}
     again = preset_files(model, tmp_path, ["Q8_0", "Q4_K_M", "Q4_0"], tokenizer=tok, log=logs.append)
     assert len(logs) == 3 and {k: p.stat().st_mtime_ns for k, p in again.items()} == mtimes
+    # other weights under the same folder (a model of the same name, changed): made afresh, not reused
+    other = load_model("tiny-llama", seed=1, tiny_overrides={"num_hidden_layers": 2, "hidden_size": 256,
+                                                             "intermediate_size": 512, "num_attention_heads": 8,
+                                                             "num_key_value_heads": 4, "head_dim": 32})[0]
+    preset_files(other, tmp_path, ["Q4_0"], tokenizer=tok, log=logs.append)
+    assert len(logs) == 4 and not files["Q8_0"].exists()  # the old source's presets are gone
 
 
 def test_preset_names_are_checked_before_any_work(tiny, tmp_path):

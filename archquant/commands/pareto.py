@@ -149,7 +149,8 @@ def baseline_points(names: list[str], points: list[ParetoPoint], session: Sessio
 
 
 def preset_points(cfg, session: Session) -> list[ParetoPoint]:
-    """llama.cpp's own presets of the original model (``pareto.presets``), made once into ``<out_dir>/presets``."""
+    """llama.cpp's own presets of the original model (``pareto.presets``), made once per model into the cache
+    (``$ARCHQUANT_CACHE/presets/<model key>``) and reused by every run."""
     from archquant.engine.presets import ORIGINAL, preset_files
 
     names = cfg.pareto.resolved_presets(cfg.latency.backend)
@@ -159,7 +160,12 @@ def preset_points(cfg, session: Session) -> list[ParetoPoint]:
         log.info("pareto.presets: %s was not loaded from a GGUF file, so there is no 'original' file to time",
                  cfg.model.name)
         names = [n for n in names if n != ORIGINAL]
-    files = preset_files(session.model, Path(cfg.out_dir) / "presets", names, source_gguf=session.gguf_source(),
+    from archquant.latency.loader import model_slug
+    from archquant.utils.paths import cache_dir
+
+    # shared by every run of this model: the F32 source (~0.5 GB for SmolLM2) and the presets are made once
+    folder = cache_dir() / "presets" / model_slug(cfg.model.name)
+    files = preset_files(session.model, folder, names, source_gguf=session.gguf_source(),
                          tokenizer=session.tokenizer, threads=cfg.trainer.num_threads or 0, log=log.info)
     return [ParetoPoint(name=n if n == ORIGINAL else f"preset-{n}", source="preset", memory_mb=p.stat().st_size / 1e6,
                         extra={"preset": n, "gguf": str(p), "gguf_bytes": p.stat().st_size})

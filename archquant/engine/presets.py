@@ -113,8 +113,8 @@ def preset_files(model, folder: str | Path, presets: Sequence[str], *, source_gg
                  threads: int = 0, log=print) -> dict[str, Path]:
     """One GGUF per preset in ``folder`` (``<preset>.gguf``; ``original`` is ``source_gguf`` itself).
 
-    Files are reused while ``folder/presets.json`` records the same F32 source (sha256) and llama.cpp
-    version, so a resumed run quantises nothing again.
+    Files are reused while ``folder/presets.json`` records the same F32 source (sha256, of the source written
+    now) and llama.cpp version, so a later run of the same model quantises nothing again.
     """
     llama_cpp = require_llama_cpp()
     names = check_presets(presets)
@@ -132,8 +132,10 @@ def preset_files(model, folder: str | Path, presets: Sequence[str], *, source_gg
     src = folder / "original-f32.gguf"
     record_path = folder / "presets.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if not src.exists():
-        write_source_gguf(model, src, source_gguf=source_gguf, tokenizer=tokenizer)
+    # the source is written afresh each time (seconds) and compared by hash: the folder may have been made
+    # from other weights of a model of the same name
+    fresh = write_source_gguf(model, folder / "original-f32.new.gguf", source_gguf=source_gguf, tokenizer=tokenizer)
+    fresh.replace(src)
     key = {"source_sha256": sha256_file(src), "llama_cpp_python": llama_cpp.__version__}
     if record.get("key") != key:
         for stale in folder.glob("*.gguf"):
