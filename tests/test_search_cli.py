@@ -286,7 +286,7 @@ def test_prune_quantise_baseline_joins_the_front_at_the_searched_budgets(tmp_pat
 
 
 def test_a_search_result_worse_than_a_reference_meeting_the_budget_is_replaced(tmp_path, feasible):
-    from archquant.commands.search import check_references, held_out_kd
+    from archquant.commands.search import check_references, model_kd
     from archquant.commands.session import Session
     from archquant.core.arch import Arch
     from archquant.search.result import SearchResult
@@ -305,6 +305,6 @@ def test_a_search_result_worse_than_a_reference_meeting_the_budget_is_replaced(t
     out = check_references(res, session, cfg, val)
     assert out.reference is not None and out.reference["searched_val_kd"] > out.reference["val_kd"]
     assert out.arch.to_dict() != bad.to_dict() and out.predicted_ms <= feasible.max_ms * (1 + 1e-6)
-    assert abs(held_out_kd(session.materialize(out.arch), val, cfg.search.kd_temperature) - out.val_kd) < 1e-6
+    assert abs(model_kd(session.materialize(out.arch), val, cfg.search.kd_temperature) - out.val_kd) < 1e-6
     again = check_references(out, session, cfg, val)  # the best reference is not replaced by itself
     assert again.arch.to_dict() == out.arch.to_dict()

@@ -111,13 +111,14 @@ class LlamaCppBackend(Backend):
             "o": {kv * q * hd for kv in space.kv_groups for q in space.q_per_group},
             "down": set(space.mlp),
         }
-        for bits in sorted({int(b) for b in space.wbits} | {int(b) for b in space.lm_head_bits}):
+        wbits, lm_bits = {int(b) for b in space.wbits}, {int(b) for b in space.lm_head_bits}
+        for bits in sorted(wbits | lm_bits):
             qtype = self.gguf_type(bits)
             bs = quant.block_size(qtype)
             if bs == 1:
                 continue
-            checks = dict(rows) if bits in {int(b) for b in space.wbits} else {}
-            if bits in {int(b) for b in space.lm_head_bits}:
+            checks = dict(rows) if bits in wbits else {}
+            if bits in lm_bits:
                 checks["lm_head"] = set(space.hidden)
             for lin, lengths in checks.items():
                 bad = sorted(k for k in lengths if k % bs)

@@ -15,7 +15,7 @@ from typing import Any
 from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.evaluation import EvalConfig, evaluate
-from archquant.latency.measure import measure_interleaved, prepare_timer
+from archquant.latency.measure import file_timer, measure_interleaved, prepare_timer
 from archquant.search.baselines import check_baselines, prune_quantise
 from archquant.search.pareto import (
     MEASURED_FIELDS,
@@ -179,12 +179,6 @@ def _preset_model(point: ParetoPoint, cfg):
     return open_gguf_lm(point.extra["gguf"], seq_len=cfg.eval.ppl_seq_len, n_threads=cfg.trainer.num_threads or 2)
 
 
-def _gguf_timer(path: str | Path, latency_cfg):
-    from archquant.latency.measure import file_timer
-
-    return file_timer(Path(path), latency_cfg)
-
-
 def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint], list[ParetoPoint]]:
     """Collect search runs (+ baselines, + the original model), evaluate them, keep the non-dominated set.
 
@@ -248,7 +242,7 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
                 finally:
                     lm.runner.close()
                 if cfg.pareto.measure:
-                    timers[p.name] = _gguf_timer(p.extra["gguf"], cfg.latency)
+                    timers[p.name] = file_timer(p.extra["gguf"], cfg.latency)
                 continue
             fn = point_model_fn(p, session)
             if fn is None:

@@ -11,10 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from archquant.commands.session import Session
 from archquant.search.loop import SEARCH_RECORD_VERSION, SearchResult, run_search
+from archquant.search.objective import held_out_kd
 from archquant.training import make_fabric, make_loggers
 from archquant.training.checkpoint import config_identity
 from archquant.utils.env import run_header
@@ -105,19 +104,9 @@ def search_job(cfg, *, session: Session | None = None, out_dir: str | Path | Non
     return result
 
 
-@torch.no_grad()
-def held_out_kd(model, val, temperature: float, batch_size: int = 4) -> float:
-    """KD of a (materialised) model to the teacher's targets on the held-out blocks, as the search scores them."""
-    from archquant.search.objective import kd_loss
-
-    device = next(model.parameters()).device
-    total, n = 0.0, 0
-    for start in range(0, len(val), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(val)))
-        ids, t_lp, t_idx = val.batch(rows, device)
-        total += float(kd_loss(model(input_ids=ids).logits, t_lp, t_idx, temperature)) * len(rows)
-        n += len(rows)
-    return total / n
+def model_kd(model, val, temperature: float) -> float:
+    """``held_out_kd`` of a materialised model, as the search scores its supernet."""
+    return held_out_kd(lambda ids: model(input_ids=ids).logits, val, temperature, next(model.parameters()).device)
 
 
 def check_references(result: SearchResult, session: Session, cfg, val) -> SearchResult:
@@ -134,10 +123,10 @@ def check_references(result: SearchResult, session: Session, cfg, val) -> Search
     cands = reference_candidates(session.space, session.latency_model, cfg.budget.latency_ms)
     if not cands:
         return result
-    scored = {"search": held_out_kd(session.materialize(result.arch), val, temperature)}
+    scored = {"search": model_kd(session.materialize(result.arch), val, temperature)}
     archs = {"search": result.arch}
     for name, arch in cands:
-        scored[name] = held_out_kd(session.materialize(arch), val, temperature)
+        scored[name] = model_kd(session.materialize(arch), val, temperature)
         archs[name] = arch
     best = min(scored, key=scored.get)
     log.info("held-out KD of the searched arch vs the references meeting the budget: %s",

@@ -68,14 +68,12 @@ def gemlite_unsupported_reason(n: int, k: int, bits: int, group_size: int, dtype
     return None
 
 
-def prepare_gemlite(pw: PackedWeight, dtype: torch.dtype, bias: torch.Tensor | None = None):
-    """A gemlite layer holding ``pw`` (its own packing), computing in ``dtype``."""
-    gemlite = gemlite_module()
+def prepare_gemlite(pw: PackedWeight, dtype: torch.dtype):
+    """A gemlite layer holding ``pw`` (its own packing), computing in ``dtype``; the bias stays QuantLinear's."""
     codes = pw.unpack()  # [N, K] uint8
-    layer = gemlite.helper.A16Wn(device=str(codes.device), dtype=dtype).from_weights(
+    return gemlite_module().helper.A16Wn(device=str(codes.device), dtype=dtype).from_weights(
         codes, pw.scales.to(dtype), pw.zeros.to(dtype), pw.bits, pw.group_size, bias=None
     )
-    return layer
 
 
 def gemlite_linear(x2: torch.Tensor, layer) -> torch.Tensor:

@@ -272,10 +272,10 @@ class QuantLinear(nn.Module):
 
             if bits in TRITON_WEIGHT_BITS and _triton_available():
                 paths += ["triton_gemv", "triton_tiled"] + (["triton_w8a8"] if self.abits == 8 else [])
-            half = dtype if dtype is not None else torch.bfloat16
-            if cuda_libs.gemlite_unsupported_reason(n, k, bits, g, half) is None:
+            act = torch.bfloat16 if dtype is None else dtype  # None: a path for any dtype counts
+            if cuda_libs.gemlite_unsupported_reason(n, k, bits, g, act) is None:
                 paths.append("gemlite")
-            if cuda_libs.tinygemm_unsupported_reason(n, k, bits, g, torch.bfloat16 if dtype is None else dtype) is None:
+            if cuda_libs.tinygemm_unsupported_reason(n, k, bits, g, act) is None:
                 paths.append("tinygemm")
         elif device.type == "cpu" and int4pack_unsupported_reason(n, k, bits, g) is None:
             paths.append("int4pack_bf16")

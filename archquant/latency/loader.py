@@ -46,15 +46,17 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-") or "model"
 
 
-def types_tag(backend: Backend | None) -> str:
-    """``-q6_k-q5_0-q4_1`` for a llama.cpp backend whose types differ from its defaults, else ``""``."""
+def _nondefault_types(backend: Backend | None) -> list[str]:
+    """A llama.cpp backend's GGUF types that differ from its defaults, widest bit-width first (``[]`` otherwise)."""
     from archquant.backends.llamacpp import DEFAULT_TYPES
 
-    types = getattr(backend, "types", None)
-    if not types:
-        return ""
-    odd = [t for b, t in sorted(types.items(), reverse=True) if DEFAULT_TYPES.get(b) != t]
-    return "".join(f"-{t.lower()}" for t in odd)
+    types = getattr(backend, "types", None) or {}
+    return [t for b, t in sorted(types.items(), reverse=True) if DEFAULT_TYPES.get(b) != t]
+
+
+def types_tag(backend: Backend | None) -> str:
+    """``-q6_k-q5_0-q4_1`` for a llama.cpp backend whose types differ from its defaults, else ``""``."""
+    return "".join(f"-{t.lower()}" for t in _nondefault_types(backend))
 
 
 def table_path(model_name: str, backend: str, scenario: Scenario, device: str = "cpu", root: Path | None = None,
@@ -128,11 +130,9 @@ def table_problems(table: LatencyTable, backend: Backend, scenario: Scenario, de
 
 
 def _types_override(backend: Backend) -> str:
-    from archquant.backends.llamacpp import DEFAULT_TYPES
-
-    types = getattr(backend, "types", None) or {}
-    odd = {b: t for b, t in types.items() if DEFAULT_TYPES.get(b) != t}
-    return f" latency.types=[{','.join(t for _, t in sorted(odd.items(), reverse=True))}]" if odd else ""
+    """`` latency.types=[...]`` naming the backend's non-default types, for a command the user should run."""
+    odd = _nondefault_types(backend)
+    return f" latency.types=[{','.join(odd)}]" if odd else ""
 
 
 def _loud(msg: str) -> None:
@@ -192,10 +192,10 @@ def load_table_for(latency_cfg: LatencyConfig, space: Space, backend: Backend | 
     if latency_cfg.table:
         table = LatencyTable.load(latency_cfg.table)
     else:
-        paths = find_tables(space, backend.name, scenario.name, device)
+        found = {p: LatencyTable.load(p) for p in find_tables(space, backend.name, scenario.name, device)}
         # a llama.cpp table prices the GGUF types it timed: one of other types cannot stand in
-        paths = [p for p in paths if types_problem(LatencyTable.load(p), backend, space) is None]
-        exact = [p for p in paths if Scenario.from_header(json.loads(p.read_text())["header"]).same_workload(scenario)]
+        paths = [p for p, t in found.items() if types_problem(t, backend, space) is None]
+        exact = [p for p in paths if Scenario.from_header(found[p].header).same_workload(scenario)]
         if not (exact or paths):
             elsewhere = sorted(str(p.relative_to(tables_root())) for p in tables_root().glob(f"*/*-{backend.name}-*.json"))
             _loud(
@@ -207,7 +207,7 @@ def load_table_for(latency_cfg: LatencyConfig, space: Space, backend: Backend | 
             )
             params = roofline_params(device)
             return LatencyModel(space, roofline_table(space, backend, scenario, params, device), backend)
-        table = LatencyTable.load((exact or paths)[0])
+        table = found[(exact or paths)[0]]
     problems = table_problems(table, backend, scenario, device)
     mismatch = types_problem(table, backend, space)
     if mismatch:  # latency.table=<path> named a table of other GGUF types: its prices are not these types'

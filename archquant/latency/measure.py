@@ -174,16 +174,17 @@ def prepare_timer(model_fn: Callable[[], Any], latency_cfg, workdir: str | Path,
     return lambda: measure_latency(model_fn(), latency_cfg, **context)
 
 
-def file_timer(path: Path, latency_cfg, *, threads: int | None = None, tokens: int | None = None) -> Timer:
+def file_timer(path: str | Path, latency_cfg, *, threads: int | None = None, tokens: int | None = None) -> Timer:
     """A timer of a GGUF file as it is (a llama-quantize preset, the user's original file), for ``measure_interleaved``."""
     from archquant.engine.gguf_reader import read_header
 
     scenario = Scenario.from_config(latency_cfg)
     if scenario.batch != 1:
         raise ValueError(f"the llama.cpp meter times batch 1; got latency.batch={scenario.batch}")
+    path = Path(path)
     _, tensors = read_header(path)
     types = {"file": sorted({t.type for t in tensors})}
-    return lambda: _time_gguf_file(Path(path), scenario, threads or torch.get_num_threads(), tokens, types)
+    return lambda: _time_gguf_file(path, scenario, threads or torch.get_num_threads(), tokens, types)
 
 
 def measure_interleaved(

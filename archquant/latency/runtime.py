@@ -162,8 +162,7 @@ def time_model_ms(
                 sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
             return statistics.median(times)
-        ctx = torch.randint(0, vocab, (scenario.batch, scenario.context), generator=gen).to(device)
-        step = torch.randint(0, vocab, (scenario.batch, 1), generator=gen).to(device)
+        ctx, step = _decode_ids(vocab, scenario, seed, device)
         cache = _forward(model, ctx, None, keep).past_key_values
         for r in range(repeats + 1):  # the first round warms up
             sync(device)
@@ -177,15 +176,19 @@ def time_model_ms(
     return statistics.median(times)
 
 
+def _decode_ids(vocab: int, scenario: Scenario, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode timing's random context ``[B, context]`` and next token ``[B, 1]`` (the same for both runtimes)."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(0, vocab, (scenario.batch, scenario.context), generator=gen).to(device)
+    return ctx, torch.randint(0, vocab, (scenario.batch, 1), generator=gen).to(device)
+
+
 def _time_graph_decode_ms(model: nn.Module, scenario: Scenario, *, repeats: int, steps: int, seed: int) -> float:
     """``time_model_ms``'s decode through ``StaticDecoder`` (CUDA graph replays), median ms per token."""
     from archquant.engine.static_decode import StaticDecoder
 
     device = next(model.parameters()).device
-    vocab = int(model.config.vocab_size)
-    gen = torch.Generator().manual_seed(seed)
-    ctx = torch.randint(0, vocab, (scenario.batch, scenario.context), generator=gen).to(device)
-    step = torch.randint(0, vocab, (scenario.batch, 1), generator=gen).to(device)
+    ctx, step = _decode_ids(int(model.config.vocab_size), scenario, seed, device)
     dec = StaticDecoder(model, batch=scenario.batch, max_len=scenario.context + steps + 1, graph=True)
     dec.prefill(ctx)
     dec.capture()

@@ -5,8 +5,7 @@ calibration-based scores; ``supernet.importance``), so a *uniform* shape (the sa
 width and KV-group count in every block, every block kept) is importance pruning. Per quantised
 bit-width ``b`` it keeps the largest uniform shape (weight MB) whose predicted latency with every
 linear and the lm_head at ``b`` meets the target, ties to the faster. One architecture per
-(target, b); the Pareto stage evaluates and times each like any point and ``best_meeting`` keeps, per
-target, the one with the lowest perplexity among those whose measured latency meets it.
+(target, b); the Pareto stage evaluates and times each like any point.
 
 A target nothing in the family meets is reported (``unmet``), not dropped silently.
 """
@@ -14,6 +13,7 @@ A target nothing in the family meets is reported (``unmet``), not dropped silent
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 
 from archquant.core.arch import Arch
@@ -98,12 +98,6 @@ def prune_quantise(space: Space, latency_model, targets_ms, bits_list=None) -> l
     return out
 
 
-def best_meeting(points, target_ms: float):
-    """The lowest-perplexity point whose latency (measured where it was) meets ``target_ms``; None if none does."""
-    ok = [p for p in points if p.latency_ms is not None and p.latency_ms <= target_ms and p.ppl is not None]
-    return min(ok, key=lambda p: p.ppl) if ok else None
-
-
 def reference_candidates(space: Space, latency_model, budget_ms: float) -> list[tuple[str, Arch]]:
     """The simple architectures a search at ``budget_ms`` must do at least as well as: every block kept at full
     width with every linear at one quantised bit-width, and the ``prune_quantise`` shapes, where they meet it."""
@@ -121,6 +115,4 @@ def reference_candidates(space: Space, latency_model, budget_ms: float) -> list[
 
 
 def json_key(arch: Arch) -> str:
-    import json
-
     return json.dumps(arch.to_dict(), sort_keys=True)

@@ -11,7 +11,7 @@ import torch
 
 from archquant.core.arch import Arch
 from archquant.search.budget import Repair, argmax_choices, repair_to_budget
-from archquant.search.objective import hinge_penalty, kd_loss, next_token_ce
+from archquant.search.objective import held_out_kd, hinge_penalty, kd_loss, next_token_ce
 from archquant.search.pruner import EntropyPruner
 from archquant.search.result import SearchResult
 from archquant.search.schedule import penalty_scale, temperature
@@ -303,15 +303,12 @@ class ArchSearch(FabricLoop):
         if self.val is None or len(self.val) == 0:
             return None
         probs = onehot_probs(self.space, arch, device=self.fabric.device)
-        total, n = 0.0, 0
-        for start in range(0, len(self.val), batch_size):
-            rows = torch.arange(start, min(start + batch_size, len(self.val)))
-            ids, t_lp, t_idx = self.val.batch(rows, self.fabric.device)
+
+        def logits_of(ids):
             with self.fabric.autocast():
-                logits = self.sn(ids, probs=probs)
-            total += float(kd_loss(logits, t_lp, t_idx, self.cfg.kd_temperature)) * len(rows)
-            n += len(rows)
-        return total / n
+                return self.sn(ids, probs=probs)
+
+        return held_out_kd(logits_of, self.val, self.cfg.kd_temperature, self.fabric.device, batch_size)
 
     def result(self) -> SearchResult:
         """The argmax architecture (repaired to the budget when ``search.repair``), its predictions and record."""

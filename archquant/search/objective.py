@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +64,20 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         logits: [B, S, V]; ids: [B, S].
     """
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def held_out_kd(logits_of: Callable[[torch.Tensor], torch.Tensor], val, temperature: float, device,
+                batch_size: int = 4) -> float:
+    """Mean ``kd_loss`` over the held-out blocks ``val`` (``TeacherTargets``), ``logits_of(ids)`` the student's.
+
+    One measure for the search's ``val_kd`` (the supernet at one-hot gates) and the reference check (a
+    materialised model), so that the two compare alike.
+    """
+    total, n = 0.0, 0
+    for start in range(0, len(val), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(val)))
+        ids, t_lp, t_idx = val.batch(rows, device)
+        total += float(kd_loss(logits_of(ids), t_lp, t_idx, temperature)) * len(rows)
+        n += len(rows)
+    return total / n
