@@ -93,32 +93,59 @@ def _for_llamacpp(arch, space):
     return arch
 
 
+def _eval_key(path: Path, args) -> str:
+    """Cache key of one file's evaluation: its bytes, the evaluation settings and llama.cpp's version."""
+    import hashlib
+
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import llama_cpp_version
+    from archquant.utils.manifest import sha256_file
+
+    settings = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), args.ppl_seq_len,
+                args.ppl_windows, sorted(args.tasks or []), args.limit, llama_cpp_version()]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
+
+
 def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
-    """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions."""
+    """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions.
+
+    Scores are cached in ``$ARCHQUANT_CACHE/bench_llamacpp`` under the file's sha256 and the evaluation
+    settings (the whole WikiText-2 test takes ~30 min per model here): a killed run resumes where it was,
+    and ``--eval-only`` runs can fill the cache ahead of a timing run. Per-window NLLs are kept with them
+    (``window_nll``, for paired bootstraps between points)."""
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
     from archquant.engine.llamacpp import LlamaCppLM, LlamaCppRunner
     from archquant.evaluation.perplexity import perplexity
     from archquant.evaluation.zero_shot import zero_shot
+    from archquant.utils.paths import cache_dir
 
     out = {"file": str(path), "file_mb": round(path.stat().st_size / 1e6, 2)}
     for name in tables["scenarios"]:
         lm = tables["models"].get(name)
         if lm is not None and arch is not None:
             out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
+    cached = cache_dir() / "bench_llamacpp" / f"{_eval_key(path, args)}.json"
+    if cached.is_file():
+        print(f"  scores cached: {cached}")
+        return {**out, **json.loads(cached.read_text())}
     t0 = time.perf_counter()
-    with LlamaCppRunner(path, n_ctx=args.ppl_seq_len, n_batch=args.ppl_seq_len, n_threads=args.threads) as runner:
+    scores: dict = {}
+    with LlamaCppRunner(path, n_ctx=args.ppl_seq_len, n_batch=args.ppl_seq_len, n_threads=args.eval_threads) as runner:
         model = LlamaCppLM(runner)
         ppl = perplexity(model, tok, resolve_data_path(DataConfig(), "ppl_file"), seq_len=args.ppl_seq_len,
-                         max_windows=args.ppl_windows, batch_size=1)
-        out["wikitext2_ppl"] = round(ppl["ppl"], 4)
-        out["ppl_tokens"] = ppl["tokens"]
+                         max_windows=args.ppl_windows, batch_size=1, progress=True, per_window=True)
+        scores["wikitext2_ppl"] = round(ppl["ppl"], 4)
+        scores["ppl_tokens"] = ppl["tokens"]
+        scores["window_nll"] = ppl["window_nll"]
         if args.tasks:
             zs = zero_shot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=4, progress=False,
                            max_length=args.ppl_seq_len)
-            out["zero_shot"] = {t: {k: r[k] for k in ("acc", "acc_norm", "n", "stderr") if k in r} for t, r in zs.items()}
-    out["eval_s"] = round(time.perf_counter() - t0, 1)
-    return out
+            scores["zero_shot"] = {t: {k: r[k] for k in ("acc", "acc_norm", "n", "stderr") if k in r} for t, r in zs.items()}
+    scores["eval_s"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(cached, scores)
+    return {**out, **scores}
 
 
 def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: int) -> None:
@@ -189,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-original", action="store_true", help="skip the original Q4_1 GGUF")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads for scoring (default --threads)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="score (and cache) every point, time nothing, write nothing to results/")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--ppl-seq-len", type=int, default=512)
@@ -206,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.ppl_windows, args.limit, args.tasks, args.rounds = 2, 20, ["piqa"], 2
     args.ppl_windows = args.ppl_windows or None
+    args.eval_threads = args.eval_threads or args.threads
     torch.set_num_threads(args.threads)
 
     from archquant.backends.llamacpp import LlamaCppBackend
@@ -276,7 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
             if arch is not None:
                 row["arch"] = arch.summary()
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "zero_shot"}))
+            print(json.dumps({k: v for k, v in row.items() if k not in ("zero_shot", "window_nll")}))
+        if args.eval_only:
+            print("--eval-only: scores cached, nothing timed")
+            return {"header": header, "points": rows}
         time_interleaved(rows, scen, args.rounds, args.threads)
         for row in rows:
             print(f"{row['name']:<24} " + "  ".join(f"{n} {row[n + '_ms']:.2f} ms" for n in scen))

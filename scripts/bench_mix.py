@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from archquant.backends import get_backend
-from archquant.supernet.quant import QuantCache, mix_weights
+from archquant.supernet.quant import QuantCache, backend_quantiser, mix_weights
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json
 
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     backend = get_backend("torch")
     w = torch.randn(args.rows, args.cols)
     stack = torch.stack([backend.fake_quant_weight(w, b, 64) for b in bits])  # every choice, 16-bit copy included
-    choices = QuantCache().all(w, lambda: w, bits, backend, 64, 0)
+    choices = QuantCache().all(w, lambda: w, bits, backend_quantiser(backend, 64), 0)
     pi0 = torch.softmax(torch.randn(len(bits)), 0)
 
     def run(kind: str, backward: bool):

@@ -224,12 +224,12 @@ def test_output_mixing_equals_weight_mixing_with_gradients(backend_name):
 @pytest.mark.parametrize("bits", [[16, 8, 4], [8, 16, 4], [8, 4], [4, 8, 16]])
 def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
     from archquant.backends import get_backend
-    from archquant.supernet.quant import QuantCache
+    from archquant.supernet.quant import QuantCache, backend_quantiser
 
     be = get_backend("torch")
     w = torch.nn.Parameter(torch.randn(48, 64))
     with torch.no_grad():
-        choices = QuantCache().all(w, lambda: w[:32], bits, be, 32, 0)
+        choices = QuantCache().all(w, lambda: w[:32], bits, backend_quantiser(be, 32), 0)
     ref = [be.fake_quant_weight(w.detach()[:32], b, 32) for b in bits]
     for k in range(len(bits)):
         assert torch.equal(choices[k], ref[k])
@@ -250,13 +250,13 @@ def test_weight_choices_mix_like_the_explicit_sum_and_keep_no_16_bit_copy(bits):
 
 def test_mixed_choices_pass_straight_through_gradients_to_trainable_weights():
     from archquant.backends import get_backend
-    from archquant.supernet.quant import QuantCache
+    from archquant.supernet.quant import QuantCache, backend_quantiser
 
     be = get_backend("torch")
     w = torch.nn.Parameter(torch.randn(24, 64))
     pi = torch.softmax(torch.randn(3), 0).requires_grad_(True)
     target = torch.randn(24, 64)
-    got = QuantCache().all(w, lambda: w, [16, 8, 4], be, 32, 0).mix(pi, 0, 3)
+    got = QuantCache().all(w, lambda: w, [16, 8, 4], backend_quantiser(be, 32), 0).mix(pi, 0, 3)
     g_w, g_pi = torch.autograd.grad((got * target).sum(), (w, pi))
     want = sum(pi[k] * be.fake_quant_weight(w, b, 32) for k, b in enumerate([16, 8, 4]))
     r_w, r_pi = torch.autograd.grad((want * target).sum(), (w, pi))

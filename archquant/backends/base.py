@@ -27,14 +27,30 @@ class Backend:
     """
 
     name: ClassVar[str] = "torch"
+    uses_importance: bool = False  # whether fake_quant_weight's importance changes the stored blocks
     weight_bits: ClassVar[tuple[int, ...]] = (16, 8, 4, 3, 2)
     act_bits: ClassVar[tuple[int, ...]] = (16, 8)
 
-    def fake_quant_weight(self, w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-        """What the engine's weight at ``bits`` computes with (dequantised), straight-through gradient."""
+    def fake_quant_weight(self, w: torch.Tensor, bits: int, group_size: int,
+                          importance: torch.Tensor | None = None) -> torch.Tensor:
+        """What the engine's weight at ``bits`` computes with (dequantised), straight-through gradient.
+
+        ``importance`` (per input channel, mean ``x^2``) is used by backends whose ``uses_importance`` is
+        true; the reference quantiser rounds to nearest and ignores it."""
         if bits not in self.weight_bits:
             raise BackendError(f"backend {self.name!r} has no kernel for {bits}-bit weights (has {self.weight_bits})")
         return ref.fake_quant_weight(w, bits, group_size)
+
+    def fake_quant_slice(self, w: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None,
+                         rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+        """``fake_quant_weight(w[rows][:, cols], bits, group_size, importance[cols])`` (no gradient; None: all).
+
+        A block-local format computes it from the whole tensor's blocks (``LlamaCppBackend``), so that one
+        search of the shared weight serves every subnet cut from it."""
+        cut = w if rows is None else w.index_select(0, rows.to(w.device))
+        cut = cut if cols is None else cut.index_select(1, cols.to(w.device))
+        imp = importance if importance is None or cols is None else importance.index_select(0, cols.to(importance.device))
+        return self.fake_quant_weight(cut.detach(), bits, group_size, importance=imp)
 
     def fake_quant_act(self, x: torch.Tensor, abits: int, wbits: int) -> torch.Tensor:
         """What the engine feeds a linear whose weight has ``wbits`` when the layer's act bits are ``abits``."""

@@ -81,6 +81,9 @@ class LlamaCppBackend(Backend):
     Args:
         types: ``bits -> GGUF type`` (``ALLOWED_TYPES`` lists each bit-width's choices, e.g.
             ``{4: "Q4_1", 5: "Q5_0", 6: "Q6_K"}``); missing 16/8/4 entries take ``DEFAULT_TYPES``.
+        importance: quantise with the importance-weighted block search wherever the caller passes
+            per-channel importance (llama.cpp's imatrix idea; the supernet and materialised subnets pass
+            the calibration inputs' mean ``x^2``); False: round-to-nearest everywhere.
     """
 
     name: ClassVar[str] = "llamacpp"
@@ -88,12 +91,16 @@ class LlamaCppBackend(Backend):
     block_size: ClassVar[int] = quant.BLOCK
     runtime_packages: ClassVar[tuple[str, ...]] = ("llama_cpp_python",)  # tables depend on this version
 
-    def __init__(self, types: dict[int, str] | None = None) -> None:
+    def __init__(self, types: dict[int, str] | None = None, importance: bool = True) -> None:
         self.types = resolve_types(types)
         self.weight_bits = tuple(sorted(self.types, reverse=True))
+        self.uses_importance = bool(importance)
 
     def options(self) -> dict:
-        return {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
+        out: dict = {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
+        if not self.uses_importance:
+            out["importance"] = False
+        return out
 
     def permutation_block(self, space) -> int:
         """The largest block of the space's quantised types (32, or 256 with a K-quant): kept whole by the
@@ -138,12 +145,32 @@ class LlamaCppBackend(Backend):
         return self.types[bits]
 
     # ---- quantiser semantics -----------------------------------------------------------------
-    def fake_quant_weight(self, w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-        """The weight llama.cpp computes with at ``bits`` (GGUF blocks of 32; ``group_size`` does not apply).
+    def fake_quant_weight(self, w: torch.Tensor, bits: int, group_size: int,
+                          importance: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight llama.cpp computes with at ``bits`` (GGUF blocks of 32; ``group_size`` does not apply):
+        the importance-weighted blocks with ``importance`` (``[K]``) unless built with ``importance=False``.
 
         Shape: ``[N, K]`` -> ``[N, K]``; straight-through gradient.
         """
-        return quant.fake_quant_weight(w, self.gguf_type(bits))
+        return quant.fake_quant_weight(w, self.gguf_type(bits), importance if self.uses_importance else None)
+
+    def fake_quant_slice(self, w: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None,
+                         rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+        """The importance-weighted blocks of ``w[rows][:, cols]`` cut from those of the whole ``w`` (blocks are
+        local: bit for bit what quantising the cut would give, tested), and remembered for the cut's content,
+        so that its materialised layer and its GGUF export find them instead of searching again."""
+        qtype = self.gguf_type(bits)
+        k = w.shape[1]
+        if (importance is None or not self.uses_importance or qtype not in quant.QUANT_TYPES
+                or (cols is not None and quant.memo.whole_blocks(cols, quant.block_size(qtype), k) is None)):
+            return super().fake_quant_slice(w, bits, group_size, importance, rows, cols)
+        with torch.no_grad():
+            parts = quant.memo.slice_parts(quant.quantize(w, qtype, importance), qtype, rows, cols)
+            cut = w if rows is None else w.index_select(0, rows.to(w.device))
+            cut = cut if cols is None else cut.index_select(1, cols.to(w.device))
+            imp = importance if cols is None else importance.index_select(0, cols.to(importance.device))
+            quant.memo.remember(cut, qtype, imp, parts)
+            return quant.dequantize(parts, qtype).to(device=w.device, dtype=w.dtype)
 
     def fake_quant_act(self, x: torch.Tensor, abits: int, wbits: int) -> torch.Tensor:
         """The input a matmul with ``wbits``-bit weights sees in llama.cpp (``abits`` is ignored).
@@ -225,5 +252,5 @@ class LlamaCppBackend(Backend):
         return out
 
     def __repr__(self) -> str:
-        return f"LlamaCppBackend(types={self.types})"
+        return f"LlamaCppBackend(types={self.types}, importance={self.uses_importance})"
 

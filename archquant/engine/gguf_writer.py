@@ -392,19 +392,24 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _encode(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, Any]:
+def _encode(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None,
+            rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, Any]:
     """Array + raw GGML type (None for float arrays) for ``GGUFWriter.add_tensor``: the very blocks the
-    supernet simulates (``archquant.quant.gguf.pack``; for the types gguf-py quantises, byte-identical to it)."""
+    supernet simulates (``archquant.quant.gguf``; round-to-nearest is byte-identical to gguf-py where it has
+    the type), searched under ``importance`` when given. ``rows`` reorders rows after quantising (rows are
+    quantised independently), so that the blocks are those the model computes with, found by content."""
     from gguf import GGMLQuantizationType
 
+    rows = rows or (lambda t: t)
     w = w.detach().float().cpu()
     if not torch.isfinite(w).all():
         raise GGUFExportError("a weight tensor holds NaN or inf; refusing to write it")
     if qtype == "F32":
-        return np.ascontiguousarray(w.numpy()), None
+        return np.ascontiguousarray(rows(w).numpy()), None
     if qtype == "F16":
-        return np.ascontiguousarray(w.numpy().astype(np.float16)), None
-    return quant.pack(w, qtype), GGMLQuantizationType[qtype]
+        return np.ascontiguousarray(rows(w).numpy().astype(np.float16)), None
+    parts = quant.quantize(w, qtype, None if importance is None else importance.detach().float().cpu())
+    return quant.pack_parts({k: rows(v) for k, v in parts.items()}, qtype), GGMLQuantizationType[qtype]
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------
@@ -622,21 +627,24 @@ def export_gguf(
         ("archquant.types", json.dumps({str(k): v for k, v in plan.types.items()}), V.STRING, None),
     ]
     name = name or str(getattr(model.config, "name_or_path", "") or "archquant-subnet")
-    return write_gguf(path, plan, kv, lambda spec: _encode(_weight(model, spec), spec.type), name=name, extra_kv=extra)
+    return write_gguf(path, plan, kv, lambda spec: _tensor(model, spec), name=name, extra_kv=extra)
 
 
-def _weight(model, spec: TensorSpec) -> torch.Tensor:
-    """The model's tensor behind ``spec``; q/k rows in llama.cpp's RoPE order."""
+def _tensor(model, spec: TensorSpec) -> tuple[np.ndarray, Any]:
+    """The GGUF array of ``spec``: the model's tensor (q/k rows in llama.cpp's RoPE order), quantised under
+    the layer's calibration importance where it carries one (``FakeQuantLinear.act_importance``)."""
     body = model.model
     lp = spec.layer
     if lp is None:
         mod = {"embed": body.embed_tokens, "output_norm": body.norm, "output": model.get_output_embeddings()}[spec.part]
-        return mod.weight.detach()
-    path = MODULE_PATHS.get(spec.part) or _NORMS[spec.part]
-    w = body.layers[lp.index].get_submodule(path).weight.detach()
-    if spec.part in ("q", "k"):
+    else:
+        mod = body.layers[lp.index].get_submodule(MODULE_PATHS.get(spec.part) or _NORMS[spec.part])
+    imp = getattr(mod, "act_importance", None) if spec.part != "embed" else None
+    rows = None
+    if lp is not None and spec.part in ("q", "k"):
         heads = lp.n_head if spec.part == "q" else lp.n_head_kv
-        if lp.rope_pairs is not None:
-            w = unpermute_rope_pairs(w, heads, lp.rope_pairs)
-        w = permute_qk(w, heads)
-    return w
+
+        def rows(t: torch.Tensor, heads=heads, pairs=lp.rope_pairs) -> torch.Tensor:
+            return permute_qk(t if pairs is None else unpermute_rope_pairs(t, heads, pairs), heads)
+
+    return _encode(mod.weight, spec.type, imp, rows)

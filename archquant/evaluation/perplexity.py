@@ -40,6 +40,7 @@ def perplexity(
     batch_size: int = 4,
     *,
     progress: bool = False,
+    per_window: bool = False,
 ) -> dict:
     """Perplexity of a causal LM on a text.
 
@@ -51,9 +52,12 @@ def perplexity(
         max_windows: score only the first ``max_windows`` windows (None = all).
         batch_size: windows per forward.
         progress: show a tqdm bar.
+        per_window: also return ``window_nll``, each window's summed NLL (for paired bootstraps between
+            models scored on the same windows).
 
     Returns:
-        ``{ppl, nll (mean per predicted token), tokens (predicted), windows, seq_len, source, wall_s}``.
+        ``{ppl, nll (mean per predicted token), tokens (predicted), windows, seq_len, source, wall_s}``
+        (+ ``window_nll`` [windows] with ``per_window``).
     """
     if seq_len < 2:
         raise ValueError(f"eval.ppl_seq_len must be >= 2, got {seq_len}")
@@ -70,7 +74,7 @@ def perplexity(
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [W, seq_len]
     device = model_device(model)
-    total_nll = 0.0  # float64 accumulation: a 300k-token sum in fp32 would lose the last digits
+    window_nll: list[float] = []  # float64 accumulation: a 300k-token sum in fp32 would lose the last digits
     from tqdm.auto import tqdm
 
     with scoring_mode(model):
@@ -79,10 +83,10 @@ def perplexity(
             logits = forward_logits(model, batch)  # [B, seq_len, V]
             for r in range(batch.shape[0]):  # per row: one [seq_len, V] fp32 copy at a time, not B of them
                 nll = F.cross_entropy(logits[r, :-1].float(), batch[r, 1:], reduction="sum")
-                total_nll += float(nll)
+                window_nll.append(float(nll))
     tokens = n_windows * (seq_len - 1)
-    mean_nll = total_nll / tokens
-    return {
+    mean_nll = math.fsum(window_nll) / tokens
+    out = {
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
         "tokens": tokens,
@@ -91,3 +95,6 @@ def perplexity(
         "source": source,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+    if per_window:
+        out["window_nll"] = window_nll
+    return out

@@ -29,6 +29,9 @@ class LatencyConfig:
             5-bit, Q4_0 / Q4_1 / Q4_K / IQ4_NL / IQ4_XS 4-bit, Q3_K 3-bit), e.g. ``[Q6_K,Q5_0,Q4_1]`` with
             ``space.wbits=[16,8,6,5,4]``; bit-widths not named keep ``F16 / Q8_0 / Q4_0``. The tables, the
             supernet, materialised subnets and exports all use these types.
+        importance: ``latency.backend=llamacpp``: write every quantised block with the importance-weighted
+            search (per-channel mean ``x^2`` of the calibration inputs, llama.cpp's imatrix idea) instead of
+            round-to-nearest; the supernet simulates those very blocks.
     """
 
     backend: str = "llamacpp"
@@ -43,14 +46,18 @@ class LatencyConfig:
     e2e_repeats: int = 5
     out: str | None = None
     types: list[str] = field(default_factory=list)
+    importance: bool = True
 
     def backend_options(self) -> dict | None:
         """The backend constructor's options this config sets (``get_backend(backend, options)``)."""
-        if not self.types:
-            return None
-        from archquant.backends.llamacpp import types_from_names
+        out: dict = {}
+        if self.types:
+            from archquant.backends.llamacpp import types_from_names
 
-        return {"types": types_from_names(self.types)}
+            out["types"] = types_from_names(self.types)
+        if not self.importance and self.backend == "llamacpp":
+            out["importance"] = False
+        return out or None
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:

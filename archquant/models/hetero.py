@@ -132,6 +132,11 @@ class ArchQuantConfig(PreTrainedConfig):
         return dict((self.quant or {}).get("backend_options") or {})
 
     @property
+    def quant_importance(self) -> bool:
+        """Whether quantised linears carry the per-channel importance their blocks were searched with."""
+        return bool((self.quant or {}).get("importance", False))
+
+    @property
     def quant_group_size(self) -> int:
         return int((self.quant or {}).get("group_size", 64))
 

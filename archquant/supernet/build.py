@@ -24,7 +24,7 @@ from archquant.supernet.linear import ElasticLinear
 from archquant.supernet.mlp import ElasticMLP
 from archquant.supernet.model import ElasticEmbedding, Supernet
 from archquant.supernet.norm import ElasticRMSNorm
-from archquant.supernet.permute import make_permutation, permute_state
+from archquant.supernet.permute import input_moments, make_permutation, permute_state
 from archquant.supernet.quant import act_classes, check_backend_bits
 
 
@@ -111,9 +111,12 @@ def build(
     rope_perms = [None] * cfg.num_hidden_layers
     init_logits: dict[str, torch.Tensor] = {}
     fp = space.fingerprint
+    moments: dict[str, torch.Tensor] = {}
     if importance is not None:
         perm = make_permutation(importance, space, be.permutation_block(space))
         state = permute_state(state, perm, cfg)
+        if be.uses_importance and importance.has_inputs:  # the quantiser's per-channel importance
+            moments = input_moments(importance, perm, cfg)
         rope_perms = [perm.rope_perm(l, fp["head_dim"]) for l in range(cfg.num_hidden_layers)]
         if space.depth:
             for l, logit in enumerate(depth_logits(importance.blocks, depth_init_scale)):
@@ -138,8 +141,9 @@ def build(
         p = f"model.layers.{l}."
 
         def lin(mod: str, name: str) -> ElasticLinear:
-            return ElasticLinear(param(p + f"{mod}.{name}_proj.weight"), opt_param(p + f"{mod}.{name}_proj.bias"),
-                                 space.wbits, g, be, classes)
+            w = p + f"{mod}.{name}_proj.weight"
+            return ElasticLinear(param(w), opt_param(p + f"{mod}.{name}_proj.bias"), space.wbits, g, be, classes,
+                                 act_sq=moments.get(w))
 
         attn = ElasticAttention(
             lin("self_attn", "q"), lin("self_attn", "k"), lin("self_attn", "v"), lin("self_attn", "o"),
@@ -158,7 +162,8 @@ def build(
         )
     embed = ElasticEmbedding(param("model.embed_tokens.weight"))
     head_w = embed.weight if tied else param("lm_head.weight")
-    lm_head = ElasticLinear(head_w, opt_param("lm_head.bias"), space.lm_head_bits, g, be, lm_classes)
+    lm_head = ElasticLinear(head_w, opt_param("lm_head.bias"), space.lm_head_bits, g, be, lm_classes,
+                            act_sq=moments.get("lm_head.weight"))
     return Supernet(
         space=space,
         backend=be,

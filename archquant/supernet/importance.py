@@ -6,7 +6,9 @@ Scores, each averaged over calibration tokens (forward hooks on the Hugging Face
   * RoPE pairs ``(i, i + hd/2)``: mean pair magnitude of the queries times that of the keys;
   * value dims: mean ``|.|`` of each dim of the attention output, summed over heads;
   * MLP neurons: mean ``|act(gate) * up|`` (the input of ``down_proj``);
-  * blocks: mean ``1 - cos(x_in, x_out)`` over tokens (initialises the depth logits).
+  * blocks: mean ``1 - cos(x_in, x_out)`` over tokens (initialises the depth logits);
+  * input second moments: mean ``x^2`` of every input channel of every linear (llama.cpp's imatrix),
+    weighting the block search of the importance-weighted GGUF quantiser (``x2_*``).
 
 The cache key hashes the model's dimensions, a sample of its weights and the calibration ids, so a
 different model or calibration set never reads a stale file.
@@ -14,6 +16,7 @@ different model or calibration set never reads a stale file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +27,7 @@ import torch
 
 from archquant.core.space import model_fingerprint
 
-IMPORTANCE_VERSION = 1
+IMPORTANCE_VERSION = 2
 
 
 @dataclass
@@ -32,7 +35,9 @@ class Importance:
     """Importance scores of one model on one calibration set.
 
     Shapes: ``hidden [D]``, ``heads [L, H]``, ``pairs [L, hd/2]``, ``vdims [L, hd]``,
-    ``neurons [L, M]``, ``blocks [L]``.
+    ``neurons [L, M]``, ``blocks [L]``; mean ``x^2`` of the inputs of q/k/v ``x2_attn [L, D]``, gate/up
+    ``x2_mlp [L, D]``, o ``x2_o [L, H * hd]``, down ``x2_down [L, M]`` and the lm_head ``x2_head [D]``
+    (None when not collected).
     """
 
     hidden: torch.Tensor
@@ -41,13 +46,23 @@ class Importance:
     vdims: torch.Tensor
     neurons: torch.Tensor
     blocks: torch.Tensor
+    x2_attn: torch.Tensor | None = None
+    x2_mlp: torch.Tensor | None = None
+    x2_o: torch.Tensor | None = None
+    x2_down: torch.Tensor | None = None
+    x2_head: torch.Tensor | None = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+        return {f.name: getattr(self, f.name).contiguous() for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_tensors(cls, d: dict[str, torch.Tensor]) -> Importance:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    @property
+    def has_inputs(self) -> bool:
+        """Whether the linears' input second moments were collected."""
+        return all(getattr(self, n) is not None for n in ("x2_attn", "x2_mlp", "x2_o", "x2_down", "x2_head"))
 
 
 def _weights_digest(model) -> str:
@@ -99,6 +114,11 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
         "vdims": torch.zeros(n_layers, hd, dtype=torch.float64),
         "neurons": torch.zeros(n_layers, m, dtype=torch.float64),
         "blocks": torch.zeros(n_layers, dtype=torch.float64),
+        "x2_attn": torch.zeros(n_layers, d, dtype=torch.float64),
+        "x2_mlp": torch.zeros(n_layers, d, dtype=torch.float64),
+        "x2_o": torch.zeros(n_layers, n_q * hd, dtype=torch.float64),
+        "x2_down": torch.zeros(n_layers, m, dtype=torch.float64),
+        "x2_head": torch.zeros(d, dtype=torch.float64),
     }
     block_in: dict[int, torch.Tensor] = {}
     hooks = []
@@ -110,11 +130,14 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
     for l, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
 
-        def norm_hook(_m, _inp, out):
-            acc["hidden"].add_(out.detach().float().abs().reshape(-1, d).sum(0).double())
+        def norm_hook(_m, _inp, out, key=None, l=l):
+            y = out.detach().float().reshape(-1, d)
+            acc["hidden"].add_(y.abs().sum(0).double())
+            acc[key][l].add_(y.pow(2).sum(0).double())
 
         def o_pre(_m, args, l=l):
             y = args[0].detach().float().reshape(-1, n_q, hd)  # [T, H, hd]
+            acc["x2_o"][l].add_(y.pow(2).sum(0).reshape(-1).double())
             acc["heads"][l].add_(y.norm(dim=-1).sum(0).double())
             acc["vdims"][l].add_(y.abs().sum((0, 1)).double())
 
@@ -125,7 +148,9 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
             acc["kpairs"][l].add_(pair_norm(out.detach(), n_kv))
 
         def down_pre(_m, args, l=l):
-            acc["neurons"][l].add_(args[0].detach().float().abs().reshape(-1, m).sum(0).double())
+            y = args[0].detach().float().reshape(-1, m)
+            acc["neurons"][l].add_(y.abs().sum(0).double())
+            acc["x2_down"][l].add_(y.pow(2).sum(0).double())
 
         def block_pre(_m, args, kwargs, l=l):
             block_in[l] = args[0] if args else kwargs["hidden_states"]
@@ -136,8 +161,8 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
             acc["blocks"][l] += float((1.0 - cos).sum())
 
         hooks += [
-            layer.input_layernorm.register_forward_hook(norm_hook),
-            layer.post_attention_layernorm.register_forward_hook(norm_hook),
+            layer.input_layernorm.register_forward_hook(functools.partial(norm_hook, key="x2_attn")),
+            layer.post_attention_layernorm.register_forward_hook(functools.partial(norm_hook, key="x2_mlp")),
             attn.o_proj.register_forward_pre_hook(o_pre),
             attn.q_proj.register_forward_hook(q_hook),
             attn.k_proj.register_forward_hook(k_hook),
@@ -145,6 +170,11 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
             layer.register_forward_pre_hook(block_pre, with_kwargs=True),
             layer.register_forward_hook(block_post, with_kwargs=True),
         ]
+
+    def head_pre(_m, args):
+        acc["x2_head"].add_(args[0].detach().float().reshape(-1, d).pow(2).sum(0).double())
+
+    hooks.append(model.get_output_embeddings().register_forward_pre_hook(head_pre))
     was_training = model.training
     model.eval()
     try:
@@ -162,6 +192,7 @@ def compute_importance(model, calib_ids: torch.Tensor, batch_size: int = 8) -> I
         vdims=(acc["vdims"] / tokens).float(),
         neurons=(acc["neurons"] / tokens).float(),
         blocks=(acc["blocks"] / tokens).float(),
+        **{k: (acc[k] / tokens).float() for k in ("x2_attn", "x2_mlp", "x2_o", "x2_down", "x2_head")},
     )
 
 

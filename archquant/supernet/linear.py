@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archquant.backends import Backend
-from archquant.supernet.quant import QuantCache, WeightChoices
+from archquant.supernet.quant import QuantCache, Quantise, WeightChoices
 
 Sel = int | torch.Tensor | None  # None: all; int: a prefix; LongTensor: a gathered index list
 
@@ -37,6 +37,16 @@ def _class_ranges(bits: list[int], classes: list[int]) -> dict[int, tuple[int, i
     return ranges
 
 
+def compose(sel: Sel, sub: Sel, full: int) -> torch.Tensor | None:
+    """The index list of ``_take(_take(t, sel), sub)`` into ``t``'s ``full`` units (None: all of them)."""
+    if sel is None and sub is None:
+        return None
+    idx = torch.arange(full) if sel is None else torch.arange(sel) if isinstance(sel, int) else sel.cpu()
+    if sub is None:
+        return idx
+    return idx[:sub] if isinstance(sub, int) else idx.index_select(0, sub.cpu())
+
+
 def as_sel(index: torch.Tensor, full: int) -> Sel:
     """Simplest selector for an index list: ``None`` (everything), a prefix length, or the list."""
     n = index.numel()
@@ -55,6 +65,9 @@ class ElasticLinear(nn.Module):
         group_size: quantisation group size along the input dimension.
         backend: the engine whose quantiser is simulated.
         classes: activation class of each bits choice (see ``quant.act_classes``).
+        act_sq: mean ``x^2`` of each input channel on calibration data (``[K]``, in the shared weight's
+            column order), or None. A backend that ``uses_importance`` searches its blocks under it; the
+            blocks of any slice are cut from those of the whole weight (``Backend.fake_quant_slice``).
 
     Attributes:
         mix_outputs_max_tokens: up to this many input rows, open bits are mixed as outputs
@@ -73,9 +86,11 @@ class ElasticLinear(nn.Module):
         group_size: int,
         backend: Backend,
         classes: list[int],
+        act_sq: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.weight = weight
+        self.register_buffer("act_sq", None if act_sq is None else act_sq.detach().float().clone(), persistent=False)
         self.bias = bias
         self.bits = list(bits)
         self.group_size = group_size
@@ -114,6 +129,23 @@ class ElasticLinear(nn.Module):
         return self.active_weight().shape[0]
 
     # ---- quantised weights -------------------------------------------------------------------
+    def quantiser(self, out_sub: Sel = None, in_sub: Sel = None) -> Quantise:
+        """``(w, bits) -> Q_bits(w)`` for ``w`` the active slice further cut by ``out_sub`` / ``in_sub``.
+
+        With ``act_sq`` on a backend that uses it (and frozen weights), the importance-weighted blocks of the
+        cut, taken from those of the whole shared weight; else the backend's quantiser of ``w``."""
+        def quantise(w: torch.Tensor, bits: int) -> torch.Tensor:
+            if (bits >= 16 or self.act_sq is None or not self.backend.uses_importance
+                    or (w.requires_grad and torch.is_grad_enabled())):
+                # training the shared weights: round-to-nearest's straight-through estimate (a search per step
+                # would cost ~100x the step)
+                return self.backend.fake_quant_weight(w, bits, self.group_size)
+            n, k = self.weight.shape
+            rows, cols = compose(self.out_sel, out_sub, n), compose(self.in_sel, in_sub, k)
+            return self.backend.fake_quant_slice(self.weight.detach(), bits, self.group_size, self.act_sq, rows, cols)
+
+        return quantise
+
     def qweight(self, index: int) -> torch.Tensor:
         """``Q_{bits[index]}(W_active)``, cached; a quantiser that leaves the weight as it is (16 bits in
         the reference backend) returns the active slice itself, so the full choice is the Parameter."""
@@ -124,7 +156,7 @@ class ElasticLinear(nn.Module):
             q = self.backend.fake_quant_weight(w, b, self.group_size)
             if q is w:
                 return w
-        return self._cache.one(self.weight, self.active_weight, b, self.backend, self.group_size, self._slice_version)
+        return self._cache.one(self.weight, self.active_weight, b, self.quantiser(), self._slice_version)
 
     def chosen(self, pi: torch.Tensor | int | None) -> int | None:
         """The single bits choice this call computes (fixed gate or one-hot ``int``), or ``None`` to mix."""
@@ -162,13 +194,13 @@ class ElasticLinear(nn.Module):
                 def fn():
                     return _take(_take(self.active_weight(), out_sub, 0), in_sub, 1)
 
-                w = self._cache.one(self.weight, fn, self.bits[k], self.backend, self.group_size, self._slice_version,
+                w = self._cache.one(self.weight, fn, self.bits[k], self.quantiser(out_sub, in_sub), self._slice_version,
                                     tag=(id(in_sub), id(out_sub) if isinstance(out_sub, torch.Tensor) else out_sub))
             else:
                 w = _take(_take(self.qweight(k), out_sub, 0), in_sub, 1)
             return F.linear(xs[self.classes[k]], w, bias)
         choices = self._cache.all(
-            self.weight, self.active_weight, self.bits, self.backend, self.group_size, self._slice_version
+            self.weight, self.active_weight, self.bits, self.quantiser(), self._slice_version
         ).take(_take, out_sub, in_sub)
         y = None
         for c, (lo, hi) in self.class_ranges.items():

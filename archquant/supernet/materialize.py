@@ -19,6 +19,11 @@ from archquant.supernet.attention import attention_index
 from archquant.supernet.model import Supernet
 
 
+def _carries_importance(sn: Supernet) -> bool:
+    """Whether the supernet's quantised linears search their blocks under calibration importance."""
+    return sn.backend.uses_importance and sn.lm_head.act_sq is not None
+
+
 def subnet_config(sn: Supernet, arch: Arch) -> ArchQuantConfig:
     """The ``ArchQuantConfig`` of ``arch`` cut from ``sn`` (checked against the supernet's space)."""
     arch.check(sn.space)
@@ -64,52 +69,68 @@ def subnet_config(sn: Supernet, arch: Arch) -> ArchQuantConfig:
             "layers": [{"wbits": dict(arch.layers[l].wbits), "abits": arch.layers[l].abits} for l in kept],
             "lm_head_bits": arch.lm_head_bits,
             **({"backend_options": opts} if (opts := sn.backend.options()) else {}),
+            **({"importance": True} if _carries_importance(sn) else {}),
         },
         base_model=dict(fp),
     )
 
 
-@torch.no_grad()
-def subnet_state(sn: Supernet, arch: Arch) -> dict[str, torch.Tensor]:
-    """Sliced, unquantised weights of ``arch`` under Llama names (``model.layers.{i}`` = i-th kept block)."""
+def _linear_cuts(sn: Supernet, arch: Arch) -> dict[str, tuple]:
+    """``name -> (ElasticLinear, rows, cols)``: every linear of ``arch`` as a cut of the supernet's shared weight
+    (``rows`` / ``cols`` index lists, None for all), under Llama names (``model.layers.{i}`` = i-th kept block)."""
     fp = sn.space.fingerprint
-    d = arch.hidden
+    d = torch.arange(arch.hidden)
     n_kv, n_q, hd_full = fp["num_key_value_heads"], fp["num_attention_heads"], fp["head_dim"]
     qpg = n_q // n_kv
-    out: dict[str, torch.Tensor] = {}
-    emb = sn.embed_tokens.weight
-    out["model.embed_tokens.weight"] = emb[:, :d]
-    out["lm_head.weight"] = sn.lm_head.weight[:, :d]
-    if sn.lm_head.bias is not None:
-        out["lm_head.bias"] = sn.lm_head.bias
-    out["model.norm.weight"] = sn.norm.weight[:d]
+    out = {"lm_head.weight": (sn.lm_head, None, d)}
     for i, l in enumerate(arch.kept_layers):
         la, blk = arch.layers[l], sn.layers[l]
         p = f"model.layers.{i}."
         idx = attention_index(n_kv, qpg, hd_full, la.kv_groups, la.q_per_group, la.head_dim)
         attn, mlp = blk.self_attn, blk.mlp
         for lin in ("q", "k", "v"):
-            mod = getattr(attn, f"{lin}_proj")
-            rows = idx[lin].to(mod.weight.device)
-            out[p + f"self_attn.{lin}_proj.weight"] = mod.weight.index_select(0, rows)[:, :d]
-            if mod.bias is not None:
-                out[p + f"self_attn.{lin}_proj.bias"] = mod.bias.index_select(0, rows)
-        o = attn.o_proj
-        out[p + "self_attn.o_proj.weight"] = o.weight[:d].index_select(1, idx["o"].to(o.weight.device))
-        if o.bias is not None:
-            out[p + "self_attn.o_proj.bias"] = o.bias[:d]
-        m = la.mlp
+            out[p + f"self_attn.{lin}_proj.weight"] = (getattr(attn, f"{lin}_proj"), idx[lin].cpu(), d)
+        out[p + "self_attn.o_proj.weight"] = (attn.o_proj, d, idx["o"].cpu())
+        m = torch.arange(la.mlp)
         for lin in ("gate", "up"):
-            mod = getattr(mlp, f"{lin}_proj")
-            out[p + f"mlp.{lin}_proj.weight"] = mod.weight[:m, :d]
-            if mod.bias is not None:
-                out[p + f"mlp.{lin}_proj.bias"] = mod.bias[:m]
-        out[p + "mlp.down_proj.weight"] = mlp.down_proj.weight[:d, :m]
-        if mlp.down_proj.bias is not None:
-            out[p + "mlp.down_proj.bias"] = mlp.down_proj.bias[:d]
+            out[p + f"mlp.{lin}_proj.weight"] = (getattr(mlp, f"{lin}_proj"), m, d)
+        out[p + "mlp.down_proj.weight"] = (mlp.down_proj, d, m)
+    return out
+
+
+def _cut(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    t = t if rows is None else t.index_select(0, rows.to(t.device))
+    return t if cols is None else t.index_select(1, cols.to(t.device))
+
+
+@torch.no_grad()
+def subnet_state(sn: Supernet, arch: Arch) -> dict[str, torch.Tensor]:
+    """Sliced, unquantised weights of ``arch`` under Llama names (``model.layers.{i}`` = i-th kept block)."""
+    d = arch.hidden
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sn.embed_tokens.weight[:, :d],
+                                    "model.norm.weight": sn.norm.weight[:d]}
+    for name, (lin, rows, cols) in _linear_cuts(sn, arch).items():
+        out[name] = _cut(lin.weight, rows, cols)
+        if lin.bias is not None:
+            out[name.replace(".weight", ".bias")] = _cut(lin.bias, rows)
+    for i, l in enumerate(arch.kept_layers):
+        blk, p = sn.layers[l], f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = blk.input_layernorm.weight[:d]
         out[p + "post_attention_layernorm.weight"] = blk.post_attention_layernorm.weight[:d]
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+@torch.no_grad()
+def _carry_importance(sn: Supernet, arch: Arch, model: ArchQuantForCausalLM) -> None:
+    """Give every quantised linear its cut of the calibration importance (``act_importance``) and have the
+    backend remember its blocks as cut from the supernet's, so that neither its forward nor its export
+    searches them again."""
+    for name, (lin, rows, cols) in _linear_cuts(sn, arch).items():
+        mod = model.get_submodule(name.removesuffix(".weight"))
+        if getattr(mod, "act_importance", None) is None:
+            continue
+        mod.act_importance.copy_(_cut(lin.act_sq, cols))
+        sn.backend.fake_quant_slice(lin.weight.detach(), mod.wbits, mod.group_size, lin.act_sq, rows, cols)
 
 
 def materialize(sn: Supernet, arch: Arch) -> ArchQuantForCausalLM:
@@ -137,9 +158,12 @@ def materialize(sn: Supernet, arch: Arch) -> ArchQuantForCausalLM:
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+               and not k.endswith(".act_importance")]  # filled by _carry_importance
     if missing or unexpected:  # pragma: no cover - guards the name mapping above
         raise RuntimeError(f"materialised state does not fit the model: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
+    if cfg.quant_importance:
+        _carry_importance(sn, arch, model)
     return model.eval()

@@ -93,12 +93,24 @@ def _unit_index(units: torch.Tensor | None, n_units: int, inner: torch.Tensor | 
     return (u[:, None] * size + i[None, :]).reshape(-1)
 
 
+def _heads(config) -> tuple[int, int, int]:
+    n_q = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
+    return n_q, n_kv, getattr(config, "head_dim", None) or config.hidden_size // n_q
+
+
+def _layer_index(perm: Permutation, l: int, config) -> dict[str, torch.Tensor | None]:
+    """Old index of every new row of q / k / v and of every new o input column (``o``), MLP neuron (``m``)."""
+    n_q, n_kv, hd = _heads(config)
+    rope = perm.rope_perm(l, hd)
+    return {"q": _unit_index(perm.heads[l], n_q, rope, hd), "k": _unit_index(perm.kv[l], n_kv, rope, hd),
+            "v": _unit_index(perm.kv[l], n_kv, perm.vdims[l], hd), "o": _unit_index(perm.heads[l], n_q, perm.vdims[l], hd),
+            "m": perm.mlp[l]}
+
+
 def permute_state(state: dict[str, torch.Tensor], perm: Permutation, config) -> dict[str, torch.Tensor]:
     """Apply ``perm`` to a Llama-layout state dict (HF names); returns new tensors, input untouched."""
     d_perm = perm.hidden
-    n_q = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_q
-    hd = getattr(config, "head_dim", None) or config.hidden_size // n_q
     out = dict(state)
 
     def put(name, fn):
@@ -110,17 +122,13 @@ def permute_state(state: dict[str, torch.Tensor], perm: Permutation, config) -> 
     put("model.norm.weight", lambda t: _rows(t, d_perm))
     for l in range(config.num_hidden_layers):
         p = f"model.layers.{l}."
-        rope = perm.rope_perm(l, hd)
-        q_idx = _unit_index(perm.heads[l], n_q, rope, hd)
-        k_idx = _unit_index(perm.kv[l], n_kv, rope, hd)
-        v_idx = _unit_index(perm.kv[l], n_kv, perm.vdims[l], hd)
-        o_idx = _unit_index(perm.heads[l], n_q, perm.vdims[l], hd)
-        m_idx = perm.mlp[l]
+        idx = _layer_index(perm, l, config)
+        o_idx, m_idx = idx["o"], idx["m"]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             put(p + f"{norm}.weight", lambda t: _rows(t, d_perm))
-        for lin, idx in (("q", q_idx), ("k", k_idx), ("v", v_idx)):
-            put(p + f"self_attn.{lin}_proj.weight", lambda t, idx=idx: _cols(_rows(t, idx), d_perm))
-            put(p + f"self_attn.{lin}_proj.bias", lambda t, idx=idx: _rows(t, idx))
+        for lin in ("q", "k", "v"):
+            put(p + f"self_attn.{lin}_proj.weight", lambda t, i=idx[lin]: _cols(_rows(t, i), d_perm))
+            put(p + f"self_attn.{lin}_proj.bias", lambda t, i=idx[lin]: _rows(t, i))
         put(p + "self_attn.o_proj.weight", lambda t: _cols(_rows(t, d_perm), o_idx))
         put(p + "self_attn.o_proj.bias", lambda t: _rows(t, d_perm))
         for lin in ("gate", "up"):
@@ -129,3 +137,24 @@ def permute_state(state: dict[str, torch.Tensor], perm: Permutation, config) -> 
         put(p + "mlp.down_proj.weight", lambda t: _cols(_rows(t, d_perm), m_idx))
         put(p + "mlp.down_proj.bias", lambda t: _rows(t, d_perm))
     return out
+
+
+def input_moments(imp: Importance, perm: Permutation | None, config) -> dict[str, torch.Tensor]:
+    """Mean ``x^2`` of each linear's input channels in the permuted layout: ``HF weight name -> [K]`` (the
+    importance of the GGUF quantiser's block search; columns move exactly as ``permute_state`` moves the
+    weight's)."""
+    def cols(v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return v if idx is None else v.index_select(0, idx)
+
+    d_perm = None if perm is None else perm.hidden
+    out = {"lm_head.weight": cols(imp.x2_head, d_perm)}
+    for l in range(config.num_hidden_layers):
+        p = f"model.layers.{l}."
+        idx = {"o": None, "m": None} if perm is None else _layer_index(perm, l, config)
+        for lin in ("q", "k", "v"):
+            out[p + f"self_attn.{lin}_proj.weight"] = cols(imp.x2_attn[l], d_perm)
+        out[p + "self_attn.o_proj.weight"] = cols(imp.x2_o[l], idx["o"])
+        for lin in ("gate", "up"):
+            out[p + f"mlp.{lin}_proj.weight"] = cols(imp.x2_mlp[l], d_perm)
+        out[p + "mlp.down_proj.weight"] = cols(imp.x2_down[l], idx["m"])
+    return {k: v.contiguous() for k, v in out.items()}

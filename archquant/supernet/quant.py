@@ -12,6 +12,8 @@ choices that see identical activations; a linear then needs one matmul per group
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from archquant.backends import Backend, BackendError
@@ -118,10 +120,11 @@ class WeightChoices:
         self.stack, self.ident, self.ident_index = stack, ident, ident_index
 
     @classmethod
-    def build(cls, w: torch.Tensor, bits: list[int], backend: Backend, group_size: int) -> WeightChoices:
+    def build(cls, w: torch.Tensor, bits: list[int], quantise: Quantise) -> WeightChoices:
+        """``quantise(w, b)`` for every ``b`` of ``bits``."""
         qs, ident, ident_index = [], None, None
         for i, b in enumerate(bits):
-            q = backend.fake_quant_weight(w, b, group_size)
+            q = quantise(w, b)
             if q is w and ident_index is None:
                 ident, ident_index = w, i
             else:
@@ -161,6 +164,14 @@ class WeightChoices:
         return n
 
 
+Quantise = Callable[[torch.Tensor, int], torch.Tensor]  # (active weight, bits) -> what the engine computes with
+
+
+def backend_quantiser(backend: Backend, group_size: int) -> Quantise:
+    """``(w, bits) -> backend.fake_quant_weight(w, bits, group_size)``."""
+    return lambda w, b: backend.fake_quant_weight(w, b, group_size)
+
+
 class QuantCache:
     """Quantised copies ``Q_k(W_active)`` of one linear's weight (``WeightChoices``; ``single``: one bits
     choice of a slice).
@@ -190,26 +201,25 @@ class QuantCache:
     def _trains(weight: torch.Tensor) -> bool:
         return weight.requires_grad and torch.is_grad_enabled()
 
-    def one(self, weight, w_active_fn, bits: int, backend: Backend, group_size: int, slice_version: int, tag=None):
-        """``Q_bits(w_active_fn())`` (cached under ``(bits, tag)`` unless the weight trains)."""
+    def one(self, weight, w_active_fn, bits: int, quantise: Quantise, slice_version: int, tag=None):
+        """``quantise(w_active_fn(), bits)`` (cached under ``(bits, tag)`` unless the weight trains)."""
         if self._trains(weight):
-            return backend.fake_quant_weight(w_active_fn(), bits, group_size)
+            return quantise(w_active_fn(), bits)
         self._valid(weight, slice_version)
         hit = self.single.get((bits, tag))
         if hit is None:
             with torch.no_grad():
-                hit = backend.fake_quant_weight(w_active_fn(), bits, group_size).contiguous()
+                hit = quantise(w_active_fn(), bits).contiguous()
             self.single[(bits, tag)] = hit
         return hit
 
-    def all(self, weight, w_active_fn, bits: list[int], backend: Backend, group_size: int, slice_version: int
-            ) -> WeightChoices:
-        """``Q_{bits[k]}(W_active)`` for every ``k``."""
+    def all(self, weight, w_active_fn, bits: list[int], quantise: Quantise, slice_version: int) -> WeightChoices:
+        """``quantise(W_active, bits[k])`` for every ``k``."""
         if self._trains(weight):
-            return WeightChoices.build(w_active_fn(), bits, backend, group_size)
+            return WeightChoices.build(w_active_fn(), bits, quantise)
         if not self._valid(weight, slice_version) or self.choices is None:
             with torch.no_grad():
-                self.choices = WeightChoices.build(w_active_fn(), bits, backend, group_size)
+                self.choices = WeightChoices.build(w_active_fn(), bits, quantise)
         return self.choices
 
 

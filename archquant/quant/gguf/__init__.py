@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from archquant.quant.gguf import kquants, legacy
+from archquant.quant.gguf import kquants, legacy, memo
 from archquant.quant.gguf.activations import act_as_type, q8_1_offset_term, quantize_act_q8, quantize_act_q8k
 from archquant.quant.gguf.fit import werr
 from archquant.quant.gguf.types import (
@@ -42,7 +42,7 @@ __all__ = [
     "SUPPORTED_TYPES", "TYPE_SIZES", "GGUFTypeError", "block_size", "check_row", "check_type", "type_nbytes",
     "types_for_row", "quantize", "dequantize", "pack", "pack_parts", "dequantize_raw", "weight_as_type",
     "fake_quant_weight", "weighted_error", "quantize_act_q8", "quantize_act_q8k", "act_as_type",
-    "fake_quant_act", "linear",
+    "fake_quant_act", "linear", "memo",
 ]
 
 
@@ -80,19 +80,29 @@ def quantize(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None
     if qtype not in QUANT_TYPES:
         raise GGUFTypeError(f"quantize() covers {QUANT_TYPES}; {qtype} is a float type")
     b = _blocks(w, qtype, name)
-    imp = None
-    if importance is not None:
-        imp = importance.detach().float().reshape(b.shape[-2:]).clamp(min=0)
+    if importance is None:
+        parts = _impl(qtype).quantize_blocks(b, qtype, None)
+        return _shaped(parts, w.shape)
+    # the search is ~100x round-to-nearest's cost: results are remembered by content (``memo``)
+    k = memo.key(w, qtype, importance)
+    hit = memo.lookup(k)
+    if hit is not None:
+        return {n: v.to(w.device) for n, v in hit.items()}
+    imp = importance.detach().float().to(b.device).reshape(b.shape[-2:]).clamp(min=0)
     impl = _impl(qtype)
-    if imp is None:
-        parts = impl.quantize_blocks(b, qtype, None)
-    else:  # the search makes ~100 passes: rows in cache-sized chunks are several times faster on big tensors
-        rows = b.reshape(-1, *b.shape[-2:])
-        step = max(1, _CHUNK // b.shape[-2:].numel())
-        chunks = [impl.quantize_blocks(rows[i : i + step], qtype, imp) for i in range(0, rows.shape[0], step)]
-        parts = {k: torch.cat([c[k] for c in chunks]).reshape(*b.shape[:-2], *chunks[0][k].shape[1:]) for k in chunks[0]}
-    out = {k: (v.reshape(w.shape) if k == "q" else v.squeeze(-1) if v.shape[-1] == 1 else v) for k, v in parts.items()}
+    # the search makes ~100 passes: rows in cache-sized chunks are several times faster on big tensors
+    rows = b.reshape(-1, *b.shape[-2:])
+    step = max(1, _CHUNK // b.shape[-2:].numel())
+    chunks = [impl.quantize_blocks(rows[i : i + step], qtype, imp) for i in range(0, rows.shape[0], step)]
+    parts = {k2: torch.cat([c[k2] for c in chunks]).reshape(*b.shape[:-2], *chunks[0][k2].shape[1:]) for k2 in chunks[0]}
+    out = _shaped(parts, w.shape)
+    memo.store(k, out)
     return out
+
+
+def _shaped(parts: dict[str, torch.Tensor], shape) -> dict[str, torch.Tensor]:
+    """Block-shaped parts -> ``q`` in the weight's shape, one-element block parameters squeezed."""
+    return {k: (v.reshape(shape) if k == "q" else v.squeeze(-1) if v.shape[-1] == 1 else v) for k, v in parts.items()}
 
 
 def dequantize(parts: dict[str, torch.Tensor], qtype: str) -> torch.Tensor:
