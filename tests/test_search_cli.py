@@ -308,3 +308,18 @@ def test_a_search_result_worse_than_a_reference_meeting_the_budget_is_replaced(t
     assert abs(model_kd(session.materialize(out.arch), val, cfg.search.kd_temperature) - out.val_kd) < 1e-6
     again = check_references(out, session, cfg, val)  # the best reference is not replaced by itself
     assert again.arch.to_dict() == out.arch.to_dict()
+
+
+def test_references_keep_the_lm_head_at_more_bits_where_the_budget_allows(tmp_path, feasible):
+    from archquant.commands.session import Session
+    from archquant.search.baselines import reference_candidates
+
+    session = Session.load(_cfg(TINY, tmp_path))
+    lm, space = session.latency_model, session.space
+    refs = dict(reference_candidates(space, lm, feasible.max_ms))
+    assert {"uniform-w8", "uniform-w4", "uniform-w4-head8", "uniform-w4-head16", "uniform-w8-head16"} <= set(refs)
+    mixed = refs["uniform-w4-head8"]
+    assert mixed.lm_head_bits == 8 and all(set(la.wbits.values()) == {4} and la.keep for la in mixed.layers)
+    assert lm.predict_ms(refs["uniform-w4"]) < lm.predict_ms(mixed) < lm.predict_ms(refs["uniform-w4-head16"])
+    tight = dict(reference_candidates(space, lm, lm.predict_ms(refs["uniform-w4"])))
+    assert "uniform-w4" in tight and not any(name.startswith("uniform-w4-head") for name in tight)

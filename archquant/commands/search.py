@@ -114,13 +114,20 @@ def check_references(result: SearchResult, session: Session, cfg, val) -> Search
 
     A short search can end below a plain choice it could have made (measured: a 30-step search at exactly
     all-Q4_1's predicted latency ended at ppl 53.8 against 44.6 for all-Q4_1). The references (full width at one
-    quantised bit-width; importance-pruned uniform shapes, ``search.baselines.reference_candidates``) and the
+    quantised bit-width; importance-pruned uniform shapes, ``search.baselines.reference_candidates``; with
+    ``search.allocate_bits`` the greedy bit allocation by measured sensitivity, ``search.allocate``) and the
     searched arch are scored alike, on materialised models; the lowest KD wins and the record says so.
     """
+    from archquant.search.allocate import allocate, bits_gates
     from archquant.search.baselines import reference_candidates
 
     temperature = cfg.search.kd_temperature
     cands = reference_candidates(session.space, session.latency_model, cfg.budget.latency_ms)
+    if cfg.search.allocate_bits and bits_gates(session.space):
+        greedy = allocate(session.space, session.latency_model, session.bit_sensitivity(val, temperature),
+                          cfg.budget.latency_ms)
+        if greedy is not None:
+            cands.append(("greedy-bits", greedy))
     if not cands:
         return result
     scored = {"search": model_kd(session.materialize(result.arch), val, temperature)}

@@ -45,6 +45,7 @@ class Session:
     _targets: tuple[TeacherTargets, TeacherTargets] | None = field(default=None, repr=False)
     _calib_ids: torch.Tensor | None = field(default=None, repr=False)
     _materializer: Any = field(default=None, repr=False)
+    _sensitivity: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, cfg) -> Session:
@@ -142,6 +143,28 @@ class Session:
         if self._materializer is None:
             self._materializer = self._build()
         return materialize(self._materializer, arch).eval()
+
+    def bit_sensitivity(self, val, temperature: float):
+        """``search.allocate.measure`` on the materialising supernet at one-hot gates (held-out KD of ``val``),
+        once per session: every budget's allocation reads the same measurement."""
+        if self._sensitivity is None:
+            from tqdm.auto import tqdm
+
+            from archquant.search.allocate import measure
+            from archquant.search.objective import held_out_kd
+
+            if self._materializer is None:
+                self._materializer = self._build()
+            sn = self._materializer
+            device = sn.embed_tokens.weight.device
+
+            def kd_of(arch: Arch) -> float:
+                probs = sn.arch_probs(arch)
+                return held_out_kd(lambda ids: sn(ids, probs), val, temperature, device)
+
+            self._sensitivity = measure(self.space, self.latency_model, kd_of,
+                                        progress=lambda it: tqdm(it, desc="bit sensitivity", leave=False))
+        return self._sensitivity
 
     def load_arch(self, path: str | Path | None, key: str) -> Arch:
         """Read an ``arch.json`` (or a run folder holding one) and refuse one made for another model or space.

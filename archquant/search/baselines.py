@@ -52,12 +52,14 @@ class Candidate:
     predicted_mb: float | None = None
 
 
-def uniform_shape(space: Space, hidden: int, mlp: int, kv_groups: int, bits: int) -> Arch:
-    """Every block kept at one shape, every linear and the lm_head at ``bits`` (where the space allows)."""
+def uniform_shape(space: Space, hidden: int, mlp: int, kv_groups: int, bits: int, lm_head_bits: int | None = None) -> Arch:
+    """Every block kept at one shape, every linear at ``bits`` and the lm_head at ``lm_head_bits`` (default
+    ``bits``; the space's least precise choice where it lacks the value)."""
     gates = space.gates()
     choice = {n: v[0] for n, v in gates.items()}
     choice["hidden"] = hidden
-    choice["lm_head.wbits"] = bits if bits in gates["lm_head.wbits"] else gates["lm_head.wbits"][-1]
+    lm = bits if lm_head_bits is None else lm_head_bits
+    choice["lm_head.wbits"] = lm if lm in gates["lm_head.wbits"] else gates["lm_head.wbits"][-1]
     for name in gates:
         if name.endswith(".mlp"):
             choice[name] = mlp
@@ -99,13 +101,16 @@ def prune_quantise(space: Space, latency_model, targets_ms, bits_list=None) -> l
 
 
 def reference_candidates(space: Space, latency_model, budget_ms: float) -> list[tuple[str, Arch]]:
-    """The simple architectures a search at ``budget_ms`` must do at least as well as: every block kept at full
-    width with every linear at one quantised bit-width, and the ``prune_quantise`` shapes, where they meet it."""
+    """The simple architectures a search at ``budget_ms`` must do at least as well as, where they meet it: every
+    block kept at full width with every linear at one bit-width and the lm_head at the same or a more precise one
+    (the tensor llama.cpp's own presets keep high), and the ``prune_quantise`` shapes."""
     out = []
+    full = (max(space.hidden), max(space.mlp), max(space.kv_groups))
     for b in sorted({int(b) for b in space.wbits}, reverse=True):
-        arch = uniform_shape(space, max(space.hidden), max(space.mlp), max(space.kv_groups), b)
-        if latency_model.predict_ms(arch) <= budget_ms * (1 + 1e-6):
-            out.append((f"uniform-w{b}", arch))
+        for lm in sorted({int(x) for x in space.lm_head_bits if int(x) >= b} or {b}):
+            arch = uniform_shape(space, *full, b, lm)
+            if latency_model.predict_ms(arch) <= budget_ms * (1 + 1e-6):
+                out.append((f"uniform-w{b}" + (f"-head{lm}" if lm != b else ""), arch))
     seen = {json_key(a) for _, a in out}
     for c in prune_quantise(space, latency_model, [budget_ms]) if any(int(b) < 16 for b in space.wbits) else []:
         if c.arch is not None and json_key(c.arch) not in seen:

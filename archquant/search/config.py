@@ -53,6 +53,9 @@ class SearchConfig:
         reference_check: after the search, score the found arch and the simple references that meet the
             latency budget (full width at one quantised bit-width; importance-pruned uniform shapes) by
             held-out KD on materialised models, and keep the best (``search.json`` records a replacement).
+        allocate_bits: with ``reference_check``, add the greedy bit allocation by measured sensitivity
+            (``search.allocate``; one held-out KD per bits gate and lower choice, measured once per session)
+            to the references.
         repair: after the argmax, move open gates to cheaper choices (least probability lost first)
             until the predicted latency/memory meet the budget.
         keep_checkpoints: how many recent checkpoints to keep.
@@ -85,6 +88,7 @@ class SearchConfig:
     ce_weight: float = 0.0
     repair: bool = True
     reference_check: bool = True
+    allocate_bits: bool = True
     keep_checkpoints: int = 2
     mix_outputs_max_tokens: int = 0
     width_prior: float = 3.0

@@ -1,0 +1,119 @@
+"""Bit allocation by measured sensitivity: the precision decisions of a full-width subnet, set greedily.
+
+A HAWQ-style complement to the gradient search. Each bits gate (``layers.{l}.wbits.<group>``,
+``lm_head.wbits``) is lowered alone from a full-width base at the most precise quantised choice, and the
+held-out KD change is its sensitivity. Latency changes of one gate are exact and additive at fixed widths
+(each op's table cost depends on its own gates only), so they come from the latency model once. The
+allocation starts with every bits gate at its least precise quantised choice and raises, one step at a
+time, the gate with the largest KD reduction per millisecond that still fits the budget (the greedy
+knapsack), assuming sensitivities add (their first-order model, as in HAWQ / Q-Palette).
+
+The result is one more reference a search must beat (``commands.search.check_references``): it is scored
+on held-out KD like the searched arch, so a poor additivity assumption can only lose, never mislead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from archquant.core.arch import Arch
+from archquant.core.space import Space
+
+
+def bits_gates(space: Space) -> list[str]:
+    """The bits gates with more than one quantised (< 16) choice."""
+    return [n for n, v in space.gates().items()
+            if (".wbits." in n or n == "lm_head.wbits") and len([b for b in v if int(b) < 16]) > 1]
+
+
+def quantised_choices(space: Space, gate: str) -> list[int]:
+    """A bits gate's quantised choices, most precise first."""
+    return sorted((int(b) for b in space.gates()[gate] if int(b) < 16), reverse=True)
+
+
+def with_choice(space: Space, arch: Arch, gate: str, value) -> Arch:
+    choice = arch.to_choices(space)
+    choice[gate] = value
+    return Arch.from_choices(space, choice)
+
+
+def base_arch(space: Space) -> Arch:
+    """Full width, every block kept, every bits gate at its most precise quantised choice (16 where it has none)."""
+    choice = {n: v[0] for n, v in space.gates().items()}
+    for n, v in choice.items():
+        if ".wbits." in n or n == "lm_head.wbits":
+            q = quantised_choices(space, n)
+            choice[n] = q[0] if q else v
+    return Arch.from_choices(space, choice)
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """KD and latency change of each (bits gate, quantised choice) from ``base``."""
+
+    base: Arch
+    base_kd: float
+    kd: dict[str, dict[int, float]]  # gate -> bits -> KD with that gate alone at bits
+    ms: dict[str, dict[int, float]]  # gate -> bits -> predicted ms with that gate alone at bits
+
+    def to_dict(self) -> dict:
+        return {"base_kd": self.base_kd, "kd": self.kd, "ms": self.ms}
+
+
+def measure(space: Space, latency_model, kd_of: Callable[[Arch], float], progress=None) -> Sensitivity:
+    """Held-out KD and predicted ms of ``base_arch`` with each bits gate alone at each lower quantised choice.
+
+    Args:
+        kd_of: held-out KD of an arch (e.g. the supernet at its one-hot gates).
+        progress: optional ``iterable -> iterable`` wrapper (a progress bar).
+    """
+    base = base_arch(space)
+    base_kd, base_ms = kd_of(base), float(latency_model.predict_ms(base))
+    kd: dict[str, dict[int, float]] = {}
+    ms: dict[str, dict[int, float]] = {}
+    for gate in (progress or (lambda x: x))(bits_gates(space)):
+        top, *lower = quantised_choices(space, gate)
+        kd[gate], ms[gate] = {top: base_kd}, {top: base_ms}
+        for b in lower:
+            arch = with_choice(space, base, gate, b)
+            kd[gate][b], ms[gate][b] = kd_of(arch), float(latency_model.predict_ms(arch))
+    return Sensitivity(base, base_kd, kd, ms)
+
+
+def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -> Arch | None:
+    """The greedy bit allocation meeting ``budget_ms`` (predicted), or None when even the least precise does not.
+
+    Starts with every bits gate at its least precise quantised choice and repeatedly raises the gate whose next
+    choice removes the most KD per added millisecond among those that still fit.
+    """
+    current = {g: quantised_choices(space, g)[-1] for g in sens.kd}
+    choice = sens.base.to_choices(space)
+    choice.update(current)
+    arch = Arch.from_choices(space, choice)
+    ms = float(latency_model.predict_ms(arch))
+    if ms > budget_ms * (1 + 1e-9):
+        return None
+    while True:
+        best, best_ratio = None, 0.0
+        for g, b in current.items():
+            steps = quantised_choices(space, g)
+            i = steps.index(b)
+            if i == 0:
+                continue
+            nb = steps[i - 1]
+            gain = sens.kd[g][b] - sens.kd[g][nb]
+            cost = sens.ms[g][nb] - sens.ms[g][b]
+            if gain <= 0 or ms + cost > budget_ms:
+                continue
+            ratio = gain / max(cost, 1e-9)
+            if ratio > best_ratio:
+                best, best_ratio = (g, nb, cost), ratio
+        if best is None:
+            break
+        g, nb, cost = best
+        current[g] = nb
+        ms += cost
+    choice.update(current)
+    arch = Arch.from_choices(space, choice)
+    return arch if latency_model.predict_ms(arch) <= budget_ms * (1 + 1e-6) else None
