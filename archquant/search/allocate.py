@@ -85,7 +85,8 @@ def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -
     """The greedy bit allocation meeting ``budget_ms`` (predicted), or None when even the least precise does not.
 
     Starts with every bits gate at its least precise quantised choice and repeatedly raises the gate whose next
-    choice removes the most KD per added millisecond among those that still fit.
+    choice removes the most KD per added millisecond among those that still fit, until none fits (gates whose
+    measured gain is <= 0, i.e. below the measurement's noise, go up last rather than never).
     """
     current = {g: quantised_choices(space, g)[-1] for g in sens.kd}
     choice = sens.base.to_choices(space)
@@ -95,16 +96,17 @@ def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -
     if ms > budget_ms * (1 + 1e-9):
         return None
     while True:
-        best, best_ratio = None, 0.0
+        best, best_ratio = None, -float("inf")
         for g, b in current.items():
             steps = quantised_choices(space, g)
             i = steps.index(b)
             if i == 0:
                 continue
             nb = steps[i - 1]
+            # a measured gain <= 0 is noise (more bits do not hurt in expectation): such gates go up last
             gain = sens.kd[g][b] - sens.kd[g][nb]
             cost = sens.ms[g][nb] - sens.ms[g][b]
-            if gain <= 0 or ms + cost > budget_ms:
+            if ms + cost > budget_ms:
                 continue
             ratio = gain / max(cost, 1e-9)
             if ratio > best_ratio:
