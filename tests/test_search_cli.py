@@ -323,3 +323,37 @@ def test_references_keep_the_lm_head_at_more_bits_where_the_budget_allows(tmp_pa
     assert lm.predict_ms(refs["uniform-w4"]) < lm.predict_ms(mixed) < lm.predict_ms(refs["uniform-w4-head16"])
     tight = dict(reference_candidates(space, lm, lm.predict_ms(refs["uniform-w4"])))
     assert "uniform-w4" in tight and not any(name.startswith("uniform-w4-head") for name in tight)
+
+
+def test_sequential_search_baseline_searches_at_16_bits_then_quantises(tmp_path, feasible):
+    from archquant.commands.pareto import pareto_job
+    from archquant.commands.search import search_job
+    from archquant.commands.session import Session
+    from archquant.core.arch import Arch
+    from archquant.search.baselines import room_budget
+
+    session = Session.load(_cfg(TINY, tmp_path))
+    budget = _budget(feasible, 0.5)
+    search_job(_cfg(TINY + ["search.steps=4", f"budget.latency_ms={budget}"], tmp_path), session=session,
+               out_dir=tmp_path / "sweep" / "a", progress=False)
+    cfg = _cfg(TINY + ["search.steps=4", f"pareto.runs=[{tmp_path / 'sweep'}]", "pareto.baselines=[sequential_search]"],
+               tmp_path / "out")
+    points, _ = pareto_job(cfg, session=session)
+    base = {p.extra["bits"]: p for p in points if p.extra.get("baseline") == "sequential_search"}
+    assert set(base) == {8, 4} and not base[8].extra.get("unmet")
+    lm = session.latency_model
+    for b, p in base.items():
+        room = room_budget(session.space, lm, budget, b)
+        assert p.extra["search_budget_ms"] == pytest.approx(room, rel=1e-3) and room > budget  # room for quantising
+        if p.extra.get("unmet"):
+            continue
+        arch = Arch.from_dict(p.arch)
+        assert arch.lm_head_bits == b and all(set(la.wbits.values()) == {b} for la in arch.layers if la.keep)
+        assert p.extra["meets_target"] == (lm.predict_ms(arch) <= budget * (1 + 1e-6))
+        folder = tmp_path / "out" / "baselines" / "sequential_search" / f"w{b}_{budget:g}ms"
+        searched = json.loads((folder / "search.json").read_text())
+        assert searched["space"]["wbits"] == [16]  # the architecture was searched with the bits fixed at 16
+        assert searched["budget"]["latency_ms"] == pytest.approx(room, rel=1e-6)
+        assert Arch.load(folder / "arch.json").hidden == arch.hidden
+    again, _ = pareto_job(cfg, session=session)  # a rerun reuses the baseline searches
+    assert {p.name: p.arch for p in again if p.source == "baseline"} == {p.name: p.arch for p in base.values()}

@@ -16,7 +16,7 @@ from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.evaluation import EvalConfig, evaluate
 from archquant.latency.measure import file_timer, measure_interleaved, prepare_timer
-from archquant.search.baselines import check_baselines, prune_quantise
+from archquant.search.baselines import Candidate, check_baselines, prune_quantise, quantise_uniformly, room_budget
 from archquant.search.pareto import (
     MEASURED_FIELDS,
     ParetoPoint,
@@ -123,28 +123,74 @@ def uniform_points(session: Session, bits_list) -> list[ParetoPoint]:
     return out
 
 
-def baseline_points(names: list[str], points: list[ParetoPoint], session: Session) -> list[ParetoPoint]:
+def baseline_points(names: list[str], points: list[ParetoPoint], session: Session, cfg=None) -> list[ParetoPoint]:
     """Built-in sequential baselines (``pareto.baselines``) at the latency targets of the collected searches.
 
     A target nothing in a baseline's family meets is kept as a point without an architecture
-    (``extra.unmet``), so ``pareto.json`` says so.
+    (``extra.unmet``), so ``pareto.json`` says so. ``sequential_search`` runs its 16-bit searches under
+    ``<out_dir>/baselines/sequential_search`` (kept there: a rerun reuses them).
     """
-    if "prune_quantise" not in names:
+    if not names:
         return []
     targets = sorted({p.budget_ms for p in points if p.source == "search" and p.budget_ms is not None})
     if not targets:
-        raise UserError("pareto.baselines=[prune_quantise] prunes to the searched budgets, but pareto.runs has no "
+        raise UserError(f"pareto.baselines={names} compress to the searched budgets, but pareto.runs has no "
                         "search run with a latency budget")
+    cands = prune_quantise(session.space, session.latency_model, targets) if "prune_quantise" in names else []
+    if "sequential_search" in names:
+        cands += sequential_search(cfg, session, targets)
     out = []
-    for c in prune_quantise(session.space, session.latency_model, targets):
-        extra = {"baseline": "prune_quantise", "bits": c.bits, "target_ms": c.target_ms}
+    for c in cands:
+        extra = {"baseline": c.name.split("-w")[0], "bits": c.bits, "target_ms": c.target_ms, **c.extra}
         if c.arch is None:
-            log.warning("%s: no uniform pruned shape at %d bits meets %.4g ms", c.name, c.bits, c.target_ms)
+            log.warning("%s: nothing in the family at %d bits meets %.4g ms", c.name, c.bits, c.target_ms)
             out.append(ParetoPoint(name=c.name, source="baseline", budget_ms=c.target_ms, extra={**extra, "unmet": True}))
             continue
         out.append(ParetoPoint(name=c.name, source="baseline", arch=c.arch.to_dict(), budget_ms=c.target_ms,
                                predicted_ms=c.predicted_ms, predicted_mb=c.predicted_mb, memory_mb=c.predicted_mb,
                                extra=extra))
+    return out
+
+
+def sequential_search(cfg, session: Session, targets: list[float]) -> list[Candidate]:
+    """Search then quantise: per target and quantised bit-width, a search with every bits gate at 16 under the
+    budget that leaves room for that bit-width (``baselines.room_budget``), then uniform quantisation. The same
+    search settings as the joint searches (steps, reference check)."""
+    from archquant.commands.search import search_job
+
+    if cfg is None:
+        raise UserError("pareto.baselines=[sequential_search] needs the run's config to search")
+    bits_list = sorted({int(b) for b in session.space.wbits if int(b) < 16}, reverse=True)
+    if not bits_list:
+        raise UserError("sequential_search quantises after searching, but space.wbits has no bit-width below 16")
+    s16 = session.with_space(dataclasses.replace(cfg.space, wbits=[16], lm_head_bits=[16]))
+    rng16 = s16.feasible()
+    root = Path(cfg.out_dir) / "baselines" / "sequential_search"
+    lm = session.latency_model
+    out = []
+    for b in bits_list:
+        for t in targets:
+            name = f"sequential_search-w{b}@{t:g}ms"
+            room = room_budget(session.space, lm, t, b)
+            extra = {"search_budget_ms": round(room, 4)}
+            if room < rng16.min_ms:
+                out.append(Candidate(name, float(t), b, None, extra=extra))
+                continue
+            folder = root / f"w{b}_{t:g}ms"
+            if room >= rng16.max_ms:  # the full 16-bit shape leaves room: nothing to search
+                arch16 = Arch.full(s16.space)
+            elif (folder / "arch.json").exists() and (folder / "search.json").exists():
+                arch16 = Arch.load(folder / "arch.json")
+            else:
+                log.info("%s: 16-bit search at %.4g ms -> %s", name, room, folder)
+                sub = dataclasses.replace(s16.cfg, budget=dataclasses.replace(cfg.budget, latency_ms=room, memory_mb=None),
+                                          resume=None)
+                arch16 = search_job(sub, session=s16, out_dir=folder, resume=(folder / "checkpoints").is_dir(),
+                                    progress=False).arch
+            arch = quantise_uniformly(session.space, arch16, b)
+            ms = lm.predict_ms(arch)
+            extra["meets_target"] = bool(ms <= t * (1 + 1e-6))
+            out.append(Candidate(name, float(t), b, arch, ms, lm.predict_mb(arch), extra=extra))
     return out
 
 
@@ -216,7 +262,7 @@ def pareto_job(cfg, *, session: Session | None = None) -> tuple[list[ParetoPoint
             )
         )
     points += uniform_points(session, cfg.pareto.uniform_bits)
-    points += baseline_points(builtin, points, session)
+    points += baseline_points(builtin, points, session, cfg)
     points += preset_points(cfg, session)
     unique_names(points)
     t0 = time.perf_counter()

@@ -121,6 +121,15 @@ class Session:
                              self.teacher_targets("val", sc.teacher_topk, sc.kd_temperature))
         return self._targets
 
+    def with_space(self, space_cfg) -> Session:
+        """The same model, backend and calibration data over another space (``space_cfg``), e.g. with the bits
+        fixed at 16 for the ``sequential_search`` baseline."""
+        import dataclasses
+
+        space = resolve_space(self.backend.restrict_space(space_cfg, self.model.config), self.model.config)
+        return Session(cfg=dataclasses.replace(self.cfg, space=space_cfg), model=self.model, tokenizer=self.tokenizer,
+                       backend=self.backend, space=space, _targets=self._targets, _calib_ids=self._calib_ids)
+
     # ---- supernets and subnets -----------------------------------------------------------------
     def _build(self):
         from archquant.supernet import build

@@ -7,11 +7,17 @@ bit-width ``b`` it keeps the largest uniform shape (weight MB) whose predicted l
 linear and the lm_head at ``b`` meets the target, ties to the faster. One architecture per
 (target, b); the Pareto stage evaluates and times each like any point.
 
+``sequential_search`` (architecture search, then quantisation): per target ``T`` and quantised bit-width
+``b``, the architecture is searched with every bits gate fixed at 16 under the budget that leaves room for
+``b`` (``T`` times the full model's 16-bit / ``b``-bit predicted latency ratio), then every linear and the
+lm_head are quantised to ``b`` (``quantise_uniformly``); the search itself runs in ``commands.pareto``.
+
 A target nothing in the family meets is reported (``unmet``), not dropped silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -20,7 +26,7 @@ from archquant.core.arch import Arch
 from archquant.core.space import Space
 from archquant.utils.errors import UserError
 
-BASELINES = ("prune_quantise",)
+BASELINES = ("prune_quantise", "sequential_search")
 
 
 class BaselineError(UserError, ValueError):
@@ -50,6 +56,7 @@ class Candidate:
     arch: Arch | None  # None: nothing in the family meets the target at these bits
     predicted_ms: float | None = None
     predicted_mb: float | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def uniform_shape(space: Space, hidden: int, mlp: int, kv_groups: int, bits: int, lm_head_bits: int | None = None) -> Arch:
@@ -97,6 +104,27 @@ def prune_quantise(space: Space, latency_model, targets_ms, bits_list=None) -> l
                 continue
             ms, mb, arch = max(fits, key=lambda p: (p[1], -p[0]))
             out.append(Candidate(name, float(t), int(b), arch, ms, mb))
+    return out
+
+
+def room_budget(space: Space, latency_model, target_ms: float, bits: int) -> float:
+    """The 16-bit latency budget whose architectures meet ``target_ms`` once quantised to ``bits``, assuming they
+    speed up as the full model does: ``target * ms(full @ 16) / ms(full @ bits)``."""
+    full = (max(space.hidden), max(space.mlp), max(space.kv_groups))
+    ms16 = latency_model.predict_ms(uniform_shape(space, *full, 16))
+    msb = latency_model.predict_ms(uniform_shape(space, *full, bits))
+    return float(target_ms) * ms16 / msb
+
+
+def quantise_uniformly(space: Space, arch: Arch, bits: int) -> Arch:
+    """``arch``'s shape (searched in any space of the same model) with every linear and the lm_head at ``bits``,
+    checked against ``space``."""
+    out = Arch.from_dict(arch.to_dict())
+    for la in out.layers:
+        la.wbits = {k: int(bits) for k in la.wbits}
+    out.lm_head_bits = int(bits)
+    out.group_size = space.group_size
+    out.check(space)
     return out
 
 
