@@ -67,7 +67,7 @@ def validate_llamacpp(
 
     import torch
 
-    from archquant.backends.llamacpp import LlamaCppBackend
+    from archquant.backends import get_backend
     from archquant.core.space import SpaceConfig, resolve_space
     from archquant.engine.gguf_writer import export_gguf
     from archquant.engine.llamacpp import require_llama_cpp
@@ -81,11 +81,11 @@ def validate_llamacpp(
 
     require_llama_cpp()
     threads = int(threads or torch.get_num_threads())
-    backend = LlamaCppBackend()
+    base_lat = latency_cfg or LatencyConfig()
+    backend = get_backend("llamacpp", base_lat.backend_options())  # latency.types: the tables of those types
     model, tok = load_model(model_name)
     space_cfg = space_cfg or SpaceConfig()
     space = resolve_space(backend.restrict_space(space_cfg, model.config), model.config)
-    base_lat = latency_cfg or LatencyConfig()
     models, scen = {}, {}
     for name in scenarios:
         lat = dataclasses.replace(base_lat, backend="llamacpp", scenario=name,

@@ -212,10 +212,17 @@ def main_llamacpp(args, out: Path, log) -> int:
     else:
         if busy_warning():
             log(f"WARNING: {busy_warning()}")
-        lat = LatencyConfig(backend="llamacpp", batch=args.batch, context=args.context, prefill_len=args.prefill_len)
+        lat = LatencyConfig(backend="llamacpp", batch=args.batch, context=args.context, prefill_len=args.prefill_len,
+                            types=list(args.types or []))
         t0 = time.perf_counter()
+        space_cfg = None
+        if args.types:  # the bit-widths the named types fill join the space, as the profiler's tables have them
+            from archquant.backends.llamacpp import types_from_names
+            from archquant.core.space import SpaceConfig
+
+            space_cfg = SpaceConfig(wbits=sorted({16, 8, 4} | set(types_from_names(args.types)), reverse=True))
         res = validate_llamacpp(args.model, n=args.subnets, scenarios=tuple(args.scenarios), latency_cfg=lat,
-                                seed=args.seed + 1, threads=args.threads or 2, log=log)
+                                space_cfg=space_cfg, seed=args.seed + 1, threads=args.threads or 2, log=log)
         results = {"header": run_header(args.device, script="bench_latency_model", backend="llamacpp", quick=args.quick,
                                         machine_load=machine_load()),
                    "args": vars(args), **res, "seconds": round(time.perf_counter() - t0, 1),
@@ -266,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--group-size", type=int, default=0, help="space.group_size (0: the default)")
     ap.add_argument("--width-multiple", type=int, default=0, help="space.width_multiple (0: the default)")
+    ap.add_argument("--types", nargs="*", default=None,
+                    help="--backend llamacpp: GGUF types of the tables to check (latency.types, e.g. Q5_1 IQ4_NL)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: decode replayed from CUDA graphs)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     ap.add_argument("--quick", action="store_true", help="smoke check: 3 subnets, 2 repeats, 4 decode steps")

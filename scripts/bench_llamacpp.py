@@ -148,6 +148,20 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     return {**out, **scores}
 
 
+def _paired_with_original(rows: list[dict], tokens_per_window: int) -> None:
+    """Each row's perplexity minus the original file's, with a paired-bootstrap 95% interval over the same windows
+    (``ppl_vs_original``); the per-window NLLs then leave the row (they stay in the score cache)."""
+    from archquant.evaluation.bootstrap import paired_ppl_difference
+
+    ref = next((r for r in rows if r.get("kind") == "original" and r.get("window_nll")), None)
+    ref_nll = None if ref is None else ref["window_nll"]
+    for r in rows:
+        nll = r.pop("window_nll", None)
+        if ref_nll is not None and r is not ref and nll is not None:
+            d = paired_ppl_difference(nll, ref_nll, tokens_per_window)
+            r["ppl_vs_original"] = {"diff": round(d["diff"], 4), "ci95": [round(x, 4) for x in d["ci"]]}
+
+
 def time_interleaved(rows: list[dict], scenarios: dict, rounds: int, threads: int) -> None:
     """Time every row's ``file`` per scenario with ``measure_interleaved``; adds ``{scenario}_ms`` (median over
     rounds of the session minimum), ``{scenario}_median_ms`` (all samples) and ``{scenario}_rounds_ms``."""
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["arch"] = arch.summary()
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("zero_shot", "window_nll")}))
+        _paired_with_original(rows, args.ppl_seq_len - 1)
         if args.eval_only:
             print("--eval-only: scores cached, nothing timed")
             return {"header": header, "points": rows}

@@ -241,3 +241,26 @@ def test_perplexity_bad_input(tok, bigram):
         perplexity(bigram, tok, "too short", seq_len=512)
     with pytest.raises(ValueError, match="eval.ppl_max_windows"):
         perplexity(bigram, tok, TEXT, seq_len=32, max_windows=0)
+
+
+def test_paired_bootstrap_of_a_perplexity_difference():
+    import math
+
+    import numpy as np
+
+    from archquant.evaluation.bootstrap import paired_ppl_difference
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(600.0, 1400.0, size=200)  # window NLL sums vary a lot between windows ...
+    same = paired_ppl_difference(base, base.copy(), 255)
+    assert same["diff"] == 0.0 and same["ci"] == [0.0, 0.0] and not same["excludes_zero"]
+    worse = base + rng.normal(5.0, 1.0, size=200)  # ... a paired shift of 5 nats per window is tiny beside that
+    out = paired_ppl_difference(worse, base, 255)
+    expect = math.exp(worse.sum() / (200 * 255)) - math.exp(base.sum() / (200 * 255))
+    assert out["diff"] == pytest.approx(expect) and out["ci"][0] <= expect <= out["ci"][1] and out["excludes_zero"]
+    flipped = paired_ppl_difference(base, worse, 255)
+    assert flipped["ci"][1] < 0 and flipped["diff"] == pytest.approx(-expect)
+    noisy = base + rng.normal(0.0, 50.0, size=200)  # no systematic shift: the interval holds 0
+    assert not paired_ppl_difference(noisy, base, 255)["excludes_zero"]
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_ppl_difference(base, base[:-1], 255)

@@ -299,3 +299,29 @@ def test_palette_types_that_llama_cpp_would_change_or_does_not_have_are_refused(
         LatencyConfig(backend="torch", types=["Q4_1"])
     with pytest.raises(BackendError, match="both 4-bit"):
         LatencyConfig(backend="llamacpp", types=["Q4_1", "Q4_K"])
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "Q5_1"])
+def test_a_file_mostly_of_any_palette_type_is_labelled_and_runs(tiny, tmp_path, qtype):
+    """``general.file_type`` follows the main type for the whole palette (it once knew five types only), and
+    llama.cpp runs the file: its logits agree with the torch simulation of the same blocks."""
+    from gguf import LlamaFileType
+
+    from archquant.backends.llamacpp import LlamaCppBackend, types_from_names
+    from archquant.engine.llamacpp import LlamaCppRunner
+
+    model, tok = tiny
+    slot = next(iter(types_from_names([qtype])))
+    sn = build(model, SpaceConfig(width_multiple=32, group_size=32, wbits=[16, 8, slot], lm_head_bits=[16, 8, slot]),
+               backend=LlamaCppBackend({slot: qtype}))
+    sub = materialize(sn, Arch.full(sn.space, bits=slot))
+    path = export_gguf(sub, tmp_path / f"{qtype}.gguf", tokenizer=tok)
+    field = GGUFReader(str(path)).fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == int(LlamaFileType[f"MOSTLY_{qtype}"])
+    ids = list(range(5, 37))
+    with LlamaCppRunner(path, n_ctx=64, n_batch=64, n_threads=1) as runner:
+        got = runner.logits(ids)
+    with torch.no_grad():
+        ref = sub(torch.tensor([ids])).logits[0]
+    assert torch.isfinite(got).all()
+    assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.99

@@ -42,7 +42,14 @@ from archquant.utils.errors import UserError
 # which search decision sets a linear's input width, for error messages
 ROW_DECISION = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "kv_groups/q_per_group", "gate": "hidden",
                 "up": "hidden", "down": "mlp"}
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # gguf.LlamaFileType
+# the ``general.file_type`` a type's GGUF is labelled with (gguf.LlamaFileType; informational in llama.cpp)
+_FILE_TYPE_NAMES = {"F32": "ALL_F32", "Q5_K": "MOSTLY_Q5_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q3_K": "MOSTLY_Q3_K_M"}
+
+
+def _file_type(qtype: str) -> int:
+    from gguf import LlamaFileType
+
+    return int(LlamaFileType[_FILE_TYPE_NAMES.get(qtype, f"MOSTLY_{qtype}")])
 _NORMS = dict(zip(("attn_norm", "ffn_norm"), NORM_PATHS))  # GGUF part -> module path inside a block
 
 # (key, value, GGUF value type, array element type or None): one metadata entry as GGUFWriter.add_key_value takes it
@@ -561,7 +568,7 @@ def _write_kv(writer, plan: ExportPlan, name: str) -> None:
         for t in lp.types.values():
             by_type[t] = by_type.get(t, 0) + 1
     main = max(by_type, key=lambda t: (by_type[t], t)) if by_type else "F32"
-    writer.add_file_type(_FILE_TYPE[main])
+    writer.add_file_type(_file_type(main))
     writer.add_context_length(plan.context_length)
     writer.add_embedding_length(plan.hidden)
     writer.add_block_count(len(plan.layers))

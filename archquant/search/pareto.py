@@ -253,10 +253,14 @@ def plot_front(
         if scen == "decode"
         else f"batch {latency.get('batch')} x {latency.get('prefill_len')} tokens"
     )
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     pts = [p for p in points if p.latency_ms is not None and y(p) is not None]
-    ours = [p for p in pts if p.source != "preset"]
-    ax.scatter([p.latency_ms for p in ours], [y(p) for p in ours], c="0.6", label="all points", zorder=2)
+    ours = [p for p in pts if p.source not in ("preset", "baseline")]
+    ax.scatter([p.latency_ms for p in ours], [y(p) for p in ours], c="0.6", label="searched / reference points", zorder=2)
+    baselines = [p for p in pts if p.source == "baseline"]
+    if baselines:  # the sequential baselines the joint search must beat
+        ax.scatter([p.latency_ms for p in baselines], [y(p) for p in baselines], marker="^", facecolors="none",
+                   edgecolors="C1", label="sequential baselines", zorder=2)
     presets = [p for p in pts if p.source == "preset"]
     if presets:  # llama.cpp's own quantisation of the original: the baseline a CPU user already has
         ax.scatter([p.latency_ms for p in presets], [y(p) for p in presets], marker="s", facecolors="none",
@@ -274,8 +278,16 @@ def plot_front(
     if front:
         ax.step([p.latency_ms for p in front], [y(p) for p in front], where="post", c="C0", zorder=3)
         ax.scatter([p.latency_ms for p in front], [y(p) for p in front], c="C0", label="Pareto front", zorder=4)
+    # one label per position: points of the same architecture share their figures (twins)
+    groups: dict[tuple, list[str]] = {}
     for p in pts:
-        ax.annotate(p.name, (p.latency_ms, y(p)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        groups.setdefault((p.latency_ms, y(p)), []).append(p.name)
+    for (x, v), names in groups.items():
+        text = " = ".join(names[:2]) + (f" (+{len(names) - 2})" if len(names) > 2 else "")
+        ax.annotate(text, (x, v), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
+    values = [y(p) for p in pts]
+    if metric == "ppl" and values and max(values) > 3 * min(values):
+        ax.set_yscale("log")  # a few collapsed points would otherwise flatten the rest
     unit = "ms per token" if scen == "decode" else "ms per prefill"
     ax.set_xlabel(f"{'measured' if measured else 'PREDICTED'} latency ({unit}; {latency.get('backend')} {scen}, {what})")
     ax.set_ylabel("held-out perplexity (lower is better)" if metric == "ppl" else "mean zero-shot accuracy")
