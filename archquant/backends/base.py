@@ -16,6 +16,12 @@ from archquant.quant import reference as ref
 from archquant.utils.errors import UserError
 
 
+def cut(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """``t[rows][:, cols]`` by index lists (None: all), on ``t``'s device."""
+    t = t if rows is None else t.index_select(0, rows.to(t.device))
+    return t if cols is None else t.index_select(1, cols.to(t.device))
+
+
 class BackendError(UserError, ValueError):
     """A request the backend cannot serve (unknown name, unsupported bits, shape it cannot run)."""
 
@@ -47,10 +53,8 @@ class Backend:
 
         A block-local format computes it from the whole tensor's blocks (``LlamaCppBackend``), so that one
         search of the shared weight serves every subnet cut from it."""
-        cut = w if rows is None else w.index_select(0, rows.to(w.device))
-        cut = cut if cols is None else cut.index_select(1, cols.to(w.device))
-        imp = importance if importance is None or cols is None else importance.index_select(0, cols.to(importance.device))
-        return self.fake_quant_weight(cut.detach(), bits, group_size, importance=imp)
+        imp = None if importance is None else cut(importance, cols)
+        return self.fake_quant_weight(cut(w, rows, cols).detach(), bits, group_size, importance=imp)
 
     def fake_quant_act(self, x: torch.Tensor, abits: int, wbits: int) -> torch.Tensor:
         """What the engine feeds a linear whose weight has ``wbits`` when the layer's act bits are ``abits``."""

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from archquant.backends.base import Backend, BackendError
+from archquant.backends.base import Backend, BackendError, cut
 from archquant.core.space import resolve_space, snap_width
 from archquant.quant import gguf as quant
 
@@ -166,10 +166,7 @@ class LlamaCppBackend(Backend):
             return super().fake_quant_slice(w, bits, group_size, importance, rows, cols)
         with torch.no_grad():
             parts = quant.memo.slice_parts(quant.quantize(w, qtype, importance), qtype, rows, cols)
-            cut = w if rows is None else w.index_select(0, rows.to(w.device))
-            cut = cut if cols is None else cut.index_select(1, cols.to(w.device))
-            imp = importance if cols is None else importance.index_select(0, cols.to(importance.device))
-            quant.memo.remember(cut, qtype, imp, parts)
+            quant.memo.remember(cut(w, rows, cols), qtype, cut(importance, cols), parts)
             return quant.dequantize(parts, qtype).to(device=w.device, dtype=w.dtype)
 
     def fake_quant_act(self, x: torch.Tensor, abits: int, wbits: int) -> torch.Tensor:

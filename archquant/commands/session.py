@@ -55,8 +55,7 @@ class Session:
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype), seed=cfg.model.seed)
         model.eval()
         backend = get_backend(cfg.latency.backend, cfg.latency.backend_options())
-        # the same resolution ``supernet.build`` applies, so budgets are checked against the searched space
-        space = resolve_space(backend.restrict_space(cfg.space, model.config), model.config)
+        space = _resolve(backend, cfg.space, model)
         log.info("space:\n%s", space.describe())
         return cls(cfg=cfg, model=model, tokenizer=tokenizer, backend=backend, space=space)
 
@@ -126,9 +125,9 @@ class Session:
         fixed at 16 for the ``sequential_search`` baseline."""
         import dataclasses
 
-        space = resolve_space(self.backend.restrict_space(space_cfg, self.model.config), self.model.config)
         return Session(cfg=dataclasses.replace(self.cfg, space=space_cfg), model=self.model, tokenizer=self.tokenizer,
-                       backend=self.backend, space=space, _targets=self._targets, _calib_ids=self._calib_ids)
+                       backend=self.backend, space=_resolve(self.backend, space_cfg, self.model),
+                       _targets=self._targets, _calib_ids=self._calib_ids)
 
     # ---- supernets and subnets -----------------------------------------------------------------
     def _build(self):
@@ -149,9 +148,13 @@ class Session:
         from archquant.supernet import materialize
 
         arch.check(self.space)
+        return materialize(self.materializing_supernet(), arch).eval()
+
+    def materializing_supernet(self):
+        """The session's one supernet that materialises subnets (built on first use, never searched)."""
         if self._materializer is None:
             self._materializer = self._build()
-        return materialize(self._materializer, arch).eval()
+        return self._materializer
 
     def bit_sensitivity(self, val, temperature: float):
         """``search.allocate.measure`` on the materialising supernet at one-hot gates (held-out KD of ``val``),
@@ -162,9 +165,7 @@ class Session:
             from archquant.search.allocate import measure
             from archquant.search.objective import held_out_kd
 
-            if self._materializer is None:
-                self._materializer = self._build()
-            sn = self._materializer
+            sn = self.materializing_supernet()
             device = sn.embed_tokens.weight.device
 
             def kd_of(arch: Arch) -> float:
@@ -196,6 +197,12 @@ class Session:
         from archquant.models.embedded import EMBEDDED_NAME, ensure_embedded_gguf
 
         return ensure_embedded_gguf() if self.cfg.model.name == EMBEDDED_NAME else None
+
+
+def _resolve(backend: Backend, space_cfg, model) -> Space:
+    """The space ``supernet.build`` searches: ``space_cfg`` as the backend restricts it, resolved for ``model``
+    (so budgets are checked against the searched space)."""
+    return resolve_space(backend.restrict_space(space_cfg, model.config), model.config)
 
 
 def load_by_name(name: str, *, dtype: str | torch.dtype = "float32", seed: int = 0):

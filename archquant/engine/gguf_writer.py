@@ -44,13 +44,14 @@ ROW_DECISION = {"q": "hidden", "k": "hidden", "v": "hidden", "o": "kv_groups/q_p
                 "up": "hidden", "down": "mlp"}
 # the ``general.file_type`` a type's GGUF is labelled with (gguf.LlamaFileType; informational in llama.cpp)
 _FILE_TYPE_NAMES = {"F32": "ALL_F32", "Q5_K": "MOSTLY_Q5_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q3_K": "MOSTLY_Q3_K_M"}
+_NORMS = dict(zip(("attn_norm", "ffn_norm"), NORM_PATHS))  # GGUF part -> module path inside a block
 
 
 def _file_type(qtype: str) -> int:
     from gguf import LlamaFileType
 
     return int(LlamaFileType[_FILE_TYPE_NAMES.get(qtype, f"MOSTLY_{qtype}")])
-_NORMS = dict(zip(("attn_norm", "ffn_norm"), NORM_PATHS))  # GGUF part -> module path inside a block
+
 
 # (key, value, GGUF value type, array element type or None): one metadata entry as GGUFWriter.add_key_value takes it
 KeyValue = tuple[str, Any, Any, Any]
@@ -415,7 +416,7 @@ def _encode(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None,
         return np.ascontiguousarray(rows(w).numpy()), None
     if qtype == "F16":
         return np.ascontiguousarray(rows(w).numpy().astype(np.float16)), None
-    parts = quant.quantize(w, qtype, None if importance is None else importance.detach().float().cpu())
+    parts = quant.quantize(w, qtype, importance)
     return quant.pack_parts({k: rows(v) for k, v in parts.items()}, qtype), GGMLQuantizationType[qtype]
 
 

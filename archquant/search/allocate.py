@@ -19,6 +19,7 @@ from typing import Callable
 
 from archquant.core.arch import Arch
 from archquant.core.space import Space
+from archquant.search.baselines import full_shape, uniform_shape
 
 
 def bits_gates(space: Space) -> list[str]:
@@ -40,12 +41,10 @@ def with_choice(space: Space, arch: Arch, gate: str, value) -> Arch:
 
 def base_arch(space: Space) -> Arch:
     """Full width, every block kept, every bits gate at its most precise quantised choice (16 where it has none)."""
-    choice = {n: v[0] for n, v in space.gates().items()}
-    for n, v in choice.items():
-        if ".wbits." in n or n == "lm_head.wbits":
-            q = quantised_choices(space, n)
-            choice[n] = q[0] if q else v
-    return Arch.from_choices(space, choice)
+    def top(bits) -> int:
+        return max((int(b) for b in bits if int(b) < 16), default=16)
+
+    return uniform_shape(space, *full_shape(space), top(space.wbits), top(space.lm_head_bits))
 
 
 @dataclasses.dataclass
@@ -88,7 +87,8 @@ def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -
     choice removes the most KD per added millisecond among those that still fit, until none fits (gates whose
     measured gain is <= 0, i.e. below the measurement's noise, go up last rather than never).
     """
-    current = {g: quantised_choices(space, g)[-1] for g in sens.kd}
+    steps = {g: sorted(by_bits, reverse=True) for g, by_bits in sens.kd.items()}  # each gate's choices, measured
+    current = {g: s[-1] for g, s in steps.items()}
     choice = sens.base.to_choices(space)
     choice.update(current)
     arch = Arch.from_choices(space, choice)
@@ -98,11 +98,10 @@ def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -
     while True:
         best, best_ratio = None, -float("inf")
         for g, b in current.items():
-            steps = quantised_choices(space, g)
-            i = steps.index(b)
+            i = steps[g].index(b)
             if i == 0:
                 continue
-            nb = steps[i - 1]
+            nb = steps[g][i - 1]
             # a measured gain <= 0 is noise (more bits do not hurt in expectation): such gates go up last
             gain = sens.kd[g][b] - sens.kd[g][nb]
             cost = sens.ms[g][nb] - sens.ms[g][b]

@@ -107,12 +107,16 @@ def prune_quantise(space: Space, latency_model, targets_ms, bits_list=None) -> l
     return out
 
 
+def full_shape(space: Space) -> tuple[int, int, int]:
+    """``(hidden, mlp, kv_groups)`` of the unpruned model (``uniform_shape``'s widest shape)."""
+    return max(space.hidden), max(space.mlp), max(space.kv_groups)
+
+
 def room_budget(space: Space, latency_model, target_ms: float, bits: int) -> float:
     """The 16-bit latency budget whose architectures meet ``target_ms`` once quantised to ``bits``, assuming they
     speed up as the full model does: ``target * ms(full @ 16) / ms(full @ bits)``."""
-    full = (max(space.hidden), max(space.mlp), max(space.kv_groups))
-    ms16 = latency_model.predict_ms(uniform_shape(space, *full, 16))
-    msb = latency_model.predict_ms(uniform_shape(space, *full, bits))
+    ms16 = latency_model.predict_ms(uniform_shape(space, *full_shape(space), 16))
+    msb = latency_model.predict_ms(uniform_shape(space, *full_shape(space), bits))
     return float(target_ms) * ms16 / msb
 
 
@@ -133,7 +137,7 @@ def reference_candidates(space: Space, latency_model, budget_ms: float) -> list[
     block kept at full width with every linear at one bit-width and the lm_head at the same or a more precise one
     (the tensor llama.cpp's own presets keep high), and the ``prune_quantise`` shapes."""
     out = []
-    full = (max(space.hidden), max(space.mlp), max(space.kv_groups))
+    full = full_shape(space)
     for b in sorted({int(b) for b in space.wbits}, reverse=True):
         for lm in sorted({int(x) for x in space.lm_head_bits if int(x) >= b} or {b}):
             arch = uniform_shape(space, *full, b, lm)

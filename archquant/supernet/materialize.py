@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from archquant.backends.base import cut
 from archquant.core.arch import Arch
 from archquant.core.linears import ATTN_LINEARS, MLP_LINEARS
 from archquant.models.auto import register_auto_classes
@@ -98,11 +99,6 @@ def _linear_cuts(sn: Supernet, arch: Arch) -> dict[str, tuple]:
     return out
 
 
-def _cut(t: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None = None) -> torch.Tensor:
-    t = t if rows is None else t.index_select(0, rows.to(t.device))
-    return t if cols is None else t.index_select(1, cols.to(t.device))
-
-
 @torch.no_grad()
 def subnet_state(sn: Supernet, arch: Arch) -> dict[str, torch.Tensor]:
     """Sliced, unquantised weights of ``arch`` under Llama names (``model.layers.{i}`` = i-th kept block)."""
@@ -110,9 +106,9 @@ def subnet_state(sn: Supernet, arch: Arch) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sn.embed_tokens.weight[:, :d],
                                     "model.norm.weight": sn.norm.weight[:d]}
     for name, (lin, rows, cols) in _linear_cuts(sn, arch).items():
-        out[name] = _cut(lin.weight, rows, cols)
+        out[name] = cut(lin.weight, rows, cols)
         if lin.bias is not None:
-            out[name.replace(".weight", ".bias")] = _cut(lin.bias, rows)
+            out[name.replace(".weight", ".bias")] = cut(lin.bias, rows)
     for i, l in enumerate(arch.kept_layers):
         blk, p = sn.layers[l], f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = blk.input_layernorm.weight[:d]
@@ -129,7 +125,7 @@ def _carry_importance(sn: Supernet, arch: Arch, model: ArchQuantForCausalLM) -> 
         mod = model.get_submodule(name.removesuffix(".weight"))
         if getattr(mod, "act_importance", None) is None:
             continue
-        mod.act_importance.copy_(_cut(lin.act_sq, cols))
+        mod.act_importance.copy_(cut(lin.act_sq, cols))
         sn.backend.fake_quant_slice(lin.weight.detach(), mod.wbits, mod.group_size, lin.act_sq, rows, cols)
 
 

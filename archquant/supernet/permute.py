@@ -143,18 +143,15 @@ def input_moments(imp: Importance, perm: Permutation | None, config) -> dict[str
     """Mean ``x^2`` of each linear's input channels in the permuted layout: ``HF weight name -> [K]`` (the
     importance of the GGUF quantiser's block search; columns move exactly as ``permute_state`` moves the
     weight's)."""
-    def cols(v: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return v if idx is None else v.index_select(0, idx)
-
     d_perm = None if perm is None else perm.hidden
-    out = {"lm_head.weight": cols(imp.x2_head, d_perm)}
+    out = {"lm_head.weight": _rows(imp.x2_head, d_perm)}
     for l in range(config.num_hidden_layers):
         p = f"model.layers.{l}."
         idx = {"o": None, "m": None} if perm is None else _layer_index(perm, l, config)
         for lin in ("q", "k", "v"):
-            out[p + f"self_attn.{lin}_proj.weight"] = cols(imp.x2_attn[l], d_perm)
-        out[p + "self_attn.o_proj.weight"] = cols(imp.x2_o[l], idx["o"])
+            out[p + f"self_attn.{lin}_proj.weight"] = _rows(imp.x2_attn[l], d_perm)
+        out[p + "self_attn.o_proj.weight"] = _rows(imp.x2_o[l], idx["o"])
         for lin in ("gate", "up"):
-            out[p + f"mlp.{lin}_proj.weight"] = cols(imp.x2_mlp[l], d_perm)
-        out[p + "mlp.down_proj.weight"] = cols(imp.x2_down[l], idx["m"])
+            out[p + f"mlp.{lin}_proj.weight"] = _rows(imp.x2_mlp[l], d_perm)
+        out[p + "mlp.down_proj.weight"] = _rows(imp.x2_down[l], idx["m"])
     return {k: v.contiguous() for k, v in out.items()}
