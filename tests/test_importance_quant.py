@@ -14,6 +14,7 @@ from archquant.models.hetero import ArchQuantForCausalLM
 from archquant.quant import gguf as quant
 from archquant.quant.gguf import memo
 from archquant.supernet import Arch, build, materialize
+from archquant.utils.errors import InputError
 from tests._tiny import one_thread, tiny_space, token_ids
 
 TOL = 1e-4  # supernet vs materialised logits in fp32 (test_supernet_exact's tolerance)
@@ -88,6 +89,9 @@ def test_searches_are_remembered_by_content(monkeypatch):
     quant.quantize(w, "Q4_0", imp)
     quant.quantize(w, "Q4_0", imp)
     assert len(calls) == 6
+    monkeypatch.setenv(memo.MEMO_ENV, "lots")
+    with pytest.raises(InputError, match=r"ARCHQUANT_QUANT_MEMO_MB='lots' is not a number"):
+        quant.quantize(w, "Q4_0", imp + 1)
     memo.clear()
 
 

@@ -24,6 +24,7 @@ from collections import OrderedDict
 import torch
 
 from archquant.quant.gguf.types import block_size
+from archquant.utils.errors import InputError
 
 MEMO_ENV = "ARCHQUANT_QUANT_MEMO_MB"
 Parts = dict[str, torch.Tensor]
@@ -32,7 +33,12 @@ _bytes = 0
 
 
 def _budget() -> int:
-    return int(float(os.environ.get(MEMO_ENV, 3072)) * 2**20)
+    raw = os.environ.get(MEMO_ENV, "3072")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise InputError(f"${MEMO_ENV}={raw!r} is not a number of MB; set it to e.g. 3072 (0 keeps nothing)") from None
+    return int(mb * 2**20)
 
 
 def _nbytes(parts: Parts) -> int:
