@@ -236,6 +236,21 @@ def test_perplexity_of_a_module_returning_a_tensor(tok):
     assert got["nll"] == pytest.approx(float(want), rel=1e-5)
 
 
+def test_perplexity_window_subset_is_those_windows_of_the_whole(tok):
+    from archquant.evaluation.perplexity import window_count
+
+    model = BigramLM(torch.randn(len(tok), len(tok)))
+    whole = perplexity(model, tok, TEXT, seq_len=32, per_window=True)
+    assert window_count(tok, TEXT, 32) == whole["windows"] >= 4
+    pick = [3, 0, whole["windows"] - 1]
+    part = perplexity(model, tok, TEXT, seq_len=32, per_window=True, window_indices=pick, batch_size=2)
+    assert part["windows"] == 3 and part["tokens"] == 3 * 31
+    assert part["window_nll"] == pytest.approx([whole["window_nll"][i] for i in pick], rel=1e-6)
+    assert part["nll"] == pytest.approx(sum(whole["window_nll"][i] for i in pick) / (3 * 31), rel=1e-6)
+    with pytest.raises(ValueError, match="window_indices"):
+        perplexity(model, tok, TEXT, seq_len=32, window_indices=[whole["windows"]])
+
+
 def test_perplexity_bad_input(tok, bigram):
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(bigram, tok, "too short", seq_len=512)

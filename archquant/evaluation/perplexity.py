@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +32,11 @@ def _tokens(tokenizer, text_or_path: str | Path) -> tuple[torch.Tensor, str]:
     return encode_text(tokenizer, text_or_path), "<text>"
 
 
+def window_count(tokenizer, text_or_path: str | Path, seq_len: int = 512) -> int:
+    """How many whole windows of ``seq_len`` tokens ``perplexity`` cuts the text into."""
+    return _tokens(tokenizer, text_or_path)[0].numel() // seq_len
+
+
 def perplexity(
     model,
     tokenizer,
@@ -41,6 +47,7 @@ def perplexity(
     *,
     progress: bool = False,
     per_window: bool = False,
+    window_indices: Sequence[int] | None = None,
 ) -> dict:
     """Perplexity of a causal LM on a text.
 
@@ -54,6 +61,8 @@ def perplexity(
         progress: show a tqdm bar.
         per_window: also return ``window_nll``, each window's summed NLL (for paired bootstraps between
             models scored on the same windows).
+        window_indices: score only these windows (indices into the text's windows, after ``max_windows``),
+            in this order: a long evaluation done in resumable pieces, or an evenly spaced subset.
 
     Returns:
         ``{ppl, nll (mean per predicted token), tokens (predicted), windows, seq_len, source, wall_s}``
@@ -73,6 +82,12 @@ def perplexity(
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # [W, seq_len]
+    if window_indices is not None:
+        index = torch.as_tensor(list(window_indices), dtype=torch.long)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= n_windows:
+            raise ValueError(f"window_indices must be a non-empty list inside 0..{n_windows - 1}, got {list(window_indices)[:8]}")
+        windows = windows[index]
+        n_windows = index.numel()
     device = model_device(model)
     window_nll: list[float] = []  # float64 accumulation: a 300k-token sum in fp32 would lose the last digits
     from tqdm.auto import tqdm

@@ -1,0 +1,345 @@
+"""Joint search vs sequential baselines vs llama.cpp presets at equal measured latency, in llama.cpp on this CPU.
+
+1. **Searches**: ``archquant-run preset=quick`` at ``--fractions`` of the full model's predicted latency, with both
+   sequential baselines (``prune_quantise``, ``sequential_search``) and llama.cpp's presets on its front, without
+   distillation (every point compared as searched), into ``<out>/run`` (a killed run resumes).
+2. **Files**: every distinct point of that front as a GGUF under ``<out>/gguf``: ours exported from a session of
+   the run's own config (the importance-weighted blocks the run timed), presets as llama.cpp wrote them.
+3. **Timing**: the files in ``--rounds`` interleaved rounds (llama.cpp decode at context 256, batch 1; each
+   round times every file once in a rotated order), median of session minima with its interval.
+4. **Quality** in llama.cpp: perplexity on the WikiText-2 raw test in windows of 512 tokens, every window by
+   default (``--ppl-stride k`` scores every k-th), each window's NLL cached per file so a killed or partial run
+   resumes and a later run with a smaller stride only scores what is missing; the zero-shot suite (``--tasks``,
+   ``--limit`` rows per task, every PIQA row unless ``--piqa-limit``), cached per file and task.
+5. **Targets**: ``--targets`` latencies evenly between the fastest preset and the original file (as timed here);
+   per target the joint pick, each baseline family's best point and the best preset meeting it, the
+   joint-minus-other perplexity difference with a paired-bootstrap 95% interval over the same windows, and the
+   joint pick's speed-up at equal perplexity over the baselines (``archquant/search/compare.py``).
+
+    python scripts/exp_joint_vs_sequential.py                                  # everything (hours here)
+    python scripts/exp_joint_vs_sequential.py --ppl-stride 8 --limit 100 --piqa-limit 500    # a cheaper reading
+    python scripts/exp_joint_vs_sequential.py --run <out>/run                  # a finished run's front
+
+Writes ``results/exp_joint_vs_sequential.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from archquant.utils.env import run_header
+from archquant.utils.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu"]
+PRESETS = ["original", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_M"]
+
+
+def run_searches(out: Path, fractions: list[float], overrides: list[str]) -> list[str]:
+    """The main job's searches, baselines and presets (no distillation, export or final evaluation); returns
+    the overrides it ran with (to rebuild its session)."""
+    run = out / "run"
+    ov = ["preset=quick", f"run.budget_fractions=[{','.join(f'{f:g}' for f in fractions)}]",
+          f"pareto.presets=[{','.join(PRESETS)}]", "pareto.baselines=[prune_quantise,sequential_search]",
+          "run.distill=false", "run.export=false", "run.evaluate=false",
+          "pareto.timing_rounds=3", "pareto.timing_max_rounds=3", *overrides]  # the files are re-timed here
+    if not (run / "pareto.json").exists():
+        resume = [f"resume={run}"] if (run / "searches").is_dir() else []
+        cmd = [sys.executable, "-m", "archquant", "run", *ov, *resume, f"hydra.run.dir={run}"]
+        print(" ".join(cmd), flush=True)
+        rc = subprocess.run(cmd).returncode
+        if rc not in (0, 3):  # 3: no point met the run's own SLO, which this experiment does not use
+            raise SystemExit(f"archquant-run failed (exit {rc}); rerun this script to resume it")
+    return ov
+
+
+def run_overrides(run: Path) -> list[str]:
+    """The overrides a finished run was launched with (Hydra's record), minus Hydra's own."""
+    import yaml
+
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{run} has no .hydra/overrides.yaml: pass a folder written by archquant-run")
+    return [o for o in yaml.safe_load(path.read_text()) if not o.startswith(("hydra.", "resume="))]
+
+
+def session_of(overrides: list[str], out_dir: Path):
+    from hydra import compose, initialize_config_dir
+
+    from archquant.cli import CONFIG_DIR
+    from archquant.commands.session import Session
+    from archquant.config import register_configs, to_object
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+        cfg.out_dir = str(out_dir)
+        cfg = to_object(cfg)
+    return cfg, Session.load(cfg)
+
+
+def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
+    """``name -> GGUF`` for every distinct point (twins share their source's file)."""
+    from archquant.core.arch import Arch
+    from archquant.engine.gguf_writer import export_gguf, plan_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for p in points:
+        extra = p.get("extra") or {}
+        if extra.get("same_arch_as") or p["source"] == "full" or p.get("arch") is None and p["source"] != "preset":
+            continue
+        if p["source"] == "preset":
+            files[p["name"]] = Path(extra["gguf"])
+            continue
+        path = folder / f"{p['name'].replace('@', '_at_')}.gguf"
+        if not path.is_file():
+            model = session.materialize(Arch.from_dict(p["arch"]))
+            src = session.gguf_source()
+            tmp = path.with_suffix(".tmp.gguf")
+            export_gguf(model, tmp, source_gguf=src, tokenizer=None if src else session.tokenizer,
+                        types=plan_gguf(model).types)
+            tmp.replace(path)
+        files[p["name"]] = path
+    return files
+
+
+def _cache(path: Path, seq_len: int) -> Path:
+    import hashlib
+
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import llama_cpp_version
+    from archquant.utils.manifest import sha256_file
+    from archquant.utils.paths import cache_dir
+
+    key = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), seq_len, llama_cpp_version()]
+    return cache_dir() / "exp_joint_vs_sequential" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
+
+
+def _load(cache: Path) -> dict:
+    return json.loads(cache.read_text()) if cache.is_file() else {"window_nll": {}, "zero_shot": {}}
+
+
+def score_ppl(path: Path, tok, args) -> dict:
+    """Per-window NLLs of one GGUF in llama.cpp on every ``--ppl-stride``-th WikiText-2 window, cached per window."""
+    import math
+
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.evaluation.perplexity import perplexity, window_count
+
+    cache = _cache(path, args.seq_len)
+    rec = _load(cache)
+    ppl_file = resolve_data_path(DataConfig(), "ppl_file")
+    n = window_count(tok, ppl_file, args.seq_len)
+    wanted = list(range(0, n, args.ppl_stride))
+    missing = [w for w in wanted if str(w) not in rec["window_nll"]]
+    if missing:
+        lm = open_gguf_lm(path, seq_len=args.seq_len, n_threads=args.threads)
+        try:
+            t0 = time.perf_counter()
+            for i in range(0, len(missing), args.chunk):
+                part = missing[i : i + args.chunk]
+                got = perplexity(lm, tok, ppl_file, seq_len=args.seq_len, batch_size=1, per_window=True,
+                                 window_indices=part)
+                rec["window_nll"].update({str(w): x for w, x in zip(part, got["window_nll"])})
+                atomic_write_json(cache, rec)
+                done = i + len(part)
+                print(f"  {path.name}: {done}/{len(missing)} windows, {(time.perf_counter() - t0) / done:.2f} s/window",
+                      flush=True)
+        finally:
+            lm.runner.close()
+    nll = [rec["window_nll"][str(w)] for w in wanted]
+    return {"window_nll": nll, "windows": len(wanted), "of_windows": n,
+            "ppl": math.exp(math.fsum(nll) / (len(nll) * (args.seq_len - 1)))}
+
+
+def score_zero_shot(path: Path, tok, args) -> dict:
+    """The zero-shot suite of one GGUF on llama.cpp's logits (``--limit`` rows per task, ``--piqa-limit`` for PIQA),
+    cached per task."""
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.evaluation.zero_shot import zero_shot
+
+    cache = _cache(path, args.seq_len)
+    rec = _load(cache)
+    jobs = [(t, args.piqa_limit if t == "piqa" else args.limit) for t in args.tasks]
+    todo = [(t, lim) for t, lim in jobs if f"{t}:{lim}" not in rec["zero_shot"]]
+    if todo:
+        lm = open_gguf_lm(path, seq_len=args.seq_len, n_threads=args.threads)
+        try:
+            for task, limit in todo:
+                res = zero_shot(lm, tok, tasks=[task], limit=limit, batch_size=4, progress=False,
+                                max_length=args.seq_len)[task]
+                rec = _load(cache)  # the file may have gained windows meanwhile
+                rec["zero_shot"][f"{task}:{limit}"] = {k: res.get(k) for k in ("acc", "acc_norm", "n", "stderr", "metric")}
+                atomic_write_json(cache, rec)
+                print(f"  {path.name}: {task} ({res['n']} rows) {res['metric']} {res[res['metric']]:.4f}", flush=True)
+        finally:
+            lm.runner.close()
+    return {t: rec["zero_shot"][f"{t}:{lim}"] for t, lim in jobs}
+
+
+def _reference(point: dict) -> str | None:
+    """The reference a search's result was replaced by (the reference check, ``search.json``), if any."""
+    path = Path(point.get("run_dir") or "/nonexistent") / "search.json"
+    if not path.is_file():
+        return None
+    ref = json.loads(path.read_text())["result"].get("reference") or {}
+    return ref.get("name")
+
+
+def time_files(files: dict[str, Path], rounds: int, threads: int) -> dict[str, dict]:
+    from archquant.latency.config import LatencyConfig
+    from archquant.latency.measure import file_timer, measure_interleaved
+
+    lat = LatencyConfig(backend="llamacpp", scenario="decode", context=256)
+    timers = {name: file_timer(path, lat, threads=threads) for name, path in files.items()}
+    out = measure_interleaved(timers, rounds, progress=True, max_rounds=rounds)
+    return {name: {"ms": m.ms, "ci_ms": m.ci_ms, "ci_level": m.ci_level, "rounds_ms": m.samples} for name, m in out.items()}
+
+
+def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"joint": ("o", "tab:blue", "joint search"), "prune_quantise": ("v", "tab:green", "prune, then quantise"),
+             "sequential_search": ("^", "tab:purple", "16-bit search, then quantise"),
+             "preset": ("s", "tab:orange", "llama-quantize preset"), "original": ("*", "tab:red", "original file"),
+             "uniform": ("D", "0.4", "uniform (full width)"), "full": ("P", "0.2", "full (F16)")}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seen = set()
+    for r in rows:
+        marker, color, label = style.get(r["family"], ("x", "k", r["family"]))
+        ci = r.get("ci_ms")
+        if ci:
+            ax.errorbar(r["ms"], r["ppl"], xerr=[[r["ms"] - ci[0]], [ci[1] - r["ms"]]], fmt="none", ecolor="0.6", lw=1)
+        ax.scatter(r["ms"], r["ppl"], marker=marker, color=color, s=60 if r["family"] == "joint" else 35,
+                   label=None if label in seen else label, zorder=3)
+        seen.add(label)
+        ax.annotate(r["name"].replace("sequential_search", "seq").replace("prune_quantise", "pq"), (r["ms"], r["ppl"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for c in comparisons:
+        ax.axvline(c["target_ms"], color="tab:blue", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("llama.cpp decode ms/token (median of session minima, interleaved rounds)")
+    ax.set_ylabel("WikiText-2 perplexity (llama.cpp)")
+    ax.set_title("joint search vs sequential baselines and presets (dotted: targets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "exp_joint_vs_sequential"))
+    ap.add_argument("--run", help="a finished archquant-run folder to read instead of running the searches")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.56, 0.62],
+                    help="search budgets as fractions of the full model's predicted latency")
+    ap.add_argument("--targets", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ppl-stride", type=int, default=1, help="score every k-th WikiText-2 window (1: the whole test)")
+    ap.add_argument("--chunk", type=int, default=8, help="windows scored between cache writes")
+    ap.add_argument("--tasks", nargs="*", default=TASKS)
+    ap.add_argument("--limit", type=int, default=500, help="rows per zero-shot task (0: all)")
+    ap.add_argument("--piqa-limit", type=int, default=0, help="PIQA rows (0: all)")
+    ap.add_argument("--output", default="exp_joint_vs_sequential")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the searches (after --)")
+    args = ap.parse_args(argv)
+    if args.ppl_stride < 1 or args.targets < 1 or args.rounds < 1:
+        ap.error("--ppl-stride, --targets and --rounds must be >= 1")
+    args.limit, args.piqa_limit = args.limit or None, args.piqa_limit or None
+    torch.set_num_threads(args.threads)
+
+    from archquant.search.compare import Scored, compare_at_targets, family_of, targets_between
+
+    out = Path(args.out)
+    if args.run:
+        run = Path(args.run)
+        overrides = run_overrides(run)
+    else:
+        run = out / "run"
+        overrides = run_searches(out, args.fractions, list(args.overrides))
+    points = json.loads((run / "pareto.json").read_text())["points"]
+    cfg, session = session_of(overrides, run)
+    files = point_files(points, session, out / "gguf")
+    print(f"{len(files)} distinct files of {len(points)} points", flush=True)
+
+    timing = time_files(files, args.rounds, args.threads)  # first: scoring takes hours, timing minutes
+    scores = {}
+    for name, path in files.items():
+        print(f"perplexity of {name} ({path.name})", flush=True)
+        scores[name] = score_ppl(path, session.tokenizer, args)
+
+    rows, scored = [], []
+    for p in points:
+        src = (p.get("extra") or {}).get("same_arch_as") or p["name"]
+        if src not in files:
+            continue
+        s, t = scores[src], timing[src]
+        fam = family_of(p)
+        rows.append({"name": p["name"], "family": fam, "same_as": None if src == p["name"] else src,
+                     "reference": _reference(p),
+                     "file": str(files[src]), "file_mb": round(files[src].stat().st_size / 1e6, 2),
+                     "ms": t["ms"], "ci_ms": t["ci_ms"], "ci_level": t["ci_level"], "rounds_ms": t["rounds_ms"],
+                     "ppl": s["ppl"], "run_ppl": p.get("ppl"), "run_ms": p.get("measured_ms")})
+        scored.append(Scored(p["name"], fam, t["ms"], s["ppl"], tuple(s["window_nll"])))
+    presets = [r for r in rows if r["family"] == "preset"]
+    original = next(r for r in rows if r["family"] == "original")
+    lo = min(r["ms"] for r in presets) if presets else 0.5 * original["ms"]
+    targets = targets_between(lo, original["ms"], args.targets)
+    comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
+    # the zero-shot suite for the points compared (the slow part: every task on llama.cpp's logits)
+    compared = {original["name"]} | {e["point"]["name"] for c in comparisons for e in c["versus"].values() if e["point"]}
+    compared |= {c["joint"]["name"] for c in comparisons if c["joint"]}
+    for r in rows:
+        if r["name"] in compared:
+            print(f"zero-shot of {r['name']}", flush=True)
+            r["zero_shot"] = score_zero_shot(Path(r["file"]), session.tokenizer, args)
+    any_score = next(iter(scores.values()))
+    result = {
+        "header": run_header(threads=args.threads, rounds=args.rounds, run=str(run), overrides=overrides,
+                             ppl=f"llama.cpp, WikiText-2 raw test, windows of {args.seq_len}, every "
+                                 f"{args.ppl_stride}-th: {any_score['windows']} of {any_score['of_windows']}",
+                             zero_shot={"tasks": args.tasks, "limit": args.limit, "piqa_limit": args.piqa_limit},
+                             timing="llama.cpp decode, context 256, batch 1: median over interleaved rounds of "
+                                    "each session's minimum; interval: order statistics of the median"),
+        "targets_ms": targets,
+        "points": rows,
+        "comparisons": comparisons,
+    }
+    (ROOT / "results").mkdir(exist_ok=True)
+    atomic_write_json(ROOT / "results" / f"{args.output}.json", result)
+    plot(rows, comparisons, ROOT / "results" / f"{args.output}.png")
+    for c in comparisons:
+        j = c["joint"]
+        line = f"target {c['target_ms']:.2f} ms: joint {j['name'] if j else 'unmet'}"
+        if j:
+            line += f" {j['ms']:.2f} ms ppl {j['ppl']:.2f}"
+        for fam, e in c["versus"].items():
+            d = e.get("joint_minus")
+            line += f" | {fam}: " + ("unmet" if e["unmet"] else f"{e['point']['name']} ppl {e['point']['ppl']:.2f}" +
+                                     (f" diff {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else ""))
+        sp = c.get("speedup_vs_baselines") or {}
+        line += f" | speed-up at equal ppl: {sp.get('speedup') and round(sp['speedup'], 3)}"
+        print(line)
+    print(f"wrote results/{args.output}.json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
