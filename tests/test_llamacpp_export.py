@@ -247,6 +247,35 @@ def test_backend_options_that_do_not_fit_fail_clearly():
         get_backend("llamacpp", {"types": {"4": "Q5_0"}})
 
 
+def test_two_four_bit_types_in_one_subnet_are_exported_bit_for_bit(tmp_path):
+    """``latency.types=[Q4_1,Q4_0]``: Q4_1 as the 5-bit choice, Q4_0 as the 4-bit one, both in one GGUF as simulated."""
+    from _tiny import TINY_OVERRIDES, compose_config
+    from gguf import GGUFReader
+
+    from archquant.commands.session import Session
+    from archquant.quant.gguf import dequantize_raw
+
+    cfg = compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[16,8,5,4]",
+                                           "space.lm_head_bits=[16,8,5,4]", "latency.types=[Q4_1,Q4_0]"], tmp_path)
+    session = Session.load(cfg)
+    assert session.backend.types == {16: "F16", 8: "Q8_0", 5: "Q4_1", 4: "Q4_0"}
+    sn = session.search_supernet()
+    choice = {n: v[0] for n, v in sn.space.gates().items()}
+    choice.update({"layers.0.wbits.qkv": 5, "layers.0.wbits.down": 4, "layers.1.wbits.gate_up": 4,
+                   "lm_head.wbits": 5})
+    sub = materialize(sn, Arch.from_choices(sn.space, choice))
+    path = export_gguf(sub, tmp_path / "mix.gguf", tokenizer=session.tokenizer)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert tensors["blk.0.attn_v.weight"].tensor_type.name == "Q4_1"
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
+    for name, mod in (("blk.0.attn_v.weight", sub.model.layers[0].self_attn.v_proj),
+                      ("blk.1.ffn_up.weight", sub.model.layers[1].mlp.up_proj),
+                      ("blk.0.ffn_down.weight", sub.model.layers[0].mlp.down_proj)):
+        raw = np.asarray(tensors[name].data)
+        got = dequantize_raw(raw, tensors[name].tensor_type.name).reshape(mod.weight.shape)
+        torch.testing.assert_close(got, mod.quantized_weight().float(), rtol=0, atol=0)
+
+
 def test_palette_types_from_the_config_reach_the_space_the_supernet_and_the_gguf(tmp_path):
     """``latency.types`` puts more of llama.cpp's palette in the search: a 5-bit Q5_0 slot, Q4_1 for 4 bits, read
     back from the export bit for bit as the supernet simulates them."""
@@ -297,8 +326,28 @@ def test_palette_types_that_llama_cpp_would_change_or_does_not_have_are_refused(
 
     with pytest.raises(ValueError, match="only latency.backend=llamacpp"):
         LatencyConfig(backend="torch", types=["Q4_1"])
-    with pytest.raises(BackendError, match="both 4-bit"):
-        LatencyConfig(backend="llamacpp", types=["Q4_1", "Q4_K"])
+    with pytest.raises(BackendError, match="no bit-width slot is left for Q4_1"):
+        LatencyConfig(backend="llamacpp", types=["Q4_0", "IQ4_NL", "Q4_1"])
+    with pytest.raises(BackendError, match="Q5_0 is a 5-bit type"):
+        get_backend("llamacpp", {"types": {4: "Q5_0"}})
+    with pytest.raises(BackendError, match="more bits per weight"):  # slots must order the types by precision
+        get_backend("llamacpp", {"types": {5: "Q4_0", 4: "Q4_1"}})
+
+
+def test_two_types_of_one_nominal_width_take_slots_in_precision_order():
+    """Q4_1 (5.0 bits per weight) moves to the 5-bit slot beside Q4_0 (4.5) instead of being refused."""
+    from archquant.backends.llamacpp import LlamaCppBackend, types_from_names
+    from archquant.latency.loader import _types_override, types_tag
+
+    assert types_from_names(["Q8_0", "Q4_1", "Q4_0"]) == {8: "Q8_0", 5: "Q4_1", 4: "Q4_0"}
+    assert types_from_names(["Q4_1", "Q4_K"]) == {5: "Q4_1", 4: "Q4_K"}
+    assert types_from_names(["Q5_0", "Q4_1", "Q4_0"]) == {6: "Q5_0", 5: "Q4_1", 4: "Q4_0"}
+    assert types_from_names(["Q6_K", "Q5_0", "Q4_1"]) == {6: "Q6_K", 5: "Q5_0", 4: "Q4_1"}  # nominal slots kept
+    backend = LlamaCppBackend(types_from_names(["Q4_1", "Q4_0"]))
+    # a table of this map gets a name and a suggested override of its own (not the {4: Q4_1} table's)
+    assert types_tag(backend) == "-q8_0-q4_1-q4_0" and types_tag(LlamaCppBackend({4: "Q4_1"})) == "-q4_1"
+    assert types_from_names(_types_override(backend).split("[")[1].rstrip("]").split(",")) == {
+        b: t for b, t in backend.types.items() if b < 16}
 
 
 @pytest.mark.parametrize("qtype", ["IQ4_NL", "Q5_1"])

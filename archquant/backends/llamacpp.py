@@ -34,45 +34,78 @@ ALLOWED_TYPES: dict[int, tuple[str, ...]] = {
 }
 
 
+def _slot_range(qtype: str) -> tuple[int, int]:
+    """The bit-width slots a type may fill: its nominal bits, or up to its storage bits per weight (rounded up),
+    so that two types of one nominal width can share a search (Q4_0 at 4, Q4_1 at 5: 5.0 bits per weight)."""
+    nominal = next(b for b, ts in ALLOWED_TYPES.items() if qtype in ts)
+    if nominal == 16:
+        return 16, 16
+    return nominal, min(15, max(nominal, math.ceil(quant.bits_per_weight(qtype))))
+
+
+def _check_order(types: dict[int, str]) -> None:
+    """More bits must mean a type at least as precise (storage bits per weight), or the search's order lies."""
+    slots = sorted(types)
+    for lo, hi in zip(slots, slots[1:]):
+        if quant.bits_per_weight(types[lo]) > quant.bits_per_weight(types[hi]):
+            raise BackendError(f"llama.cpp types: {types[lo]} at {lo} bits stores more bits per weight than "
+                               f"{types[hi]} at {hi} bits; a higher bit-width must be the more precise type")
+
+
 def resolve_types(types: dict[int, str] | None) -> dict[int, str]:
     """Complete and validate a ``bits -> GGUF type`` map (missing bits take the defaults).
 
+    A type fills its nominal bit-width, or a slot up to its storage bits per weight (``_slot_range``: Q4_1, 5.0
+    bits per weight, may be the 5-bit choice beside Q4_0 at 4), and slots must order the types by precision.
+
     Raises:
-        BackendError: a bit-width without a GGUF type, or a type that does not fit its bits.
+        BackendError: a bit-width without a GGUF type, a type outside its slots, or slots out of precision order.
     """
     out = dict(DEFAULT_TYPES)
     for bits, qtype in (types or {}).items():
         bits = int(bits)
-        if bits not in ALLOWED_TYPES:
+        if bits not in ALLOWED_TYPES and not 2 <= bits <= 15:
             raise BackendError(f"llama.cpp types: no GGUF type for {bits}-bit weights (supported bits: {sorted(ALLOWED_TYPES)})")
         qtype = str(qtype).upper()
-        if qtype not in ALLOWED_TYPES[bits]:
-            slot = next((b for b, ts in ALLOWED_TYPES.items() if qtype in ts), None)
-            hint = (f"{qtype} is a {slot}-bit type" if slot is not None else
-                    f"{qtype!r} is not a type this llama.cpp backend writes and runs ({list(quant.PALETTE)})")
-            raise BackendError(f"llama.cpp types: {bits}-bit weights can be {list(ALLOWED_TYPES[bits])}; {hint}")
+        if qtype not in quant.PALETTE:
+            raise BackendError(f"llama.cpp types: {qtype!r} is not a type this llama.cpp backend writes and runs "
+                               f"({list(quant.PALETTE)})")
+        lo, hi = _slot_range(qtype)
+        if not lo <= bits <= hi:
+            where = f"a {lo}-bit type" + (f" (slots {lo}-{hi})" if hi > lo else "")
+            raise BackendError(f"llama.cpp types: {bits}-bit weights can be {list(ALLOWED_TYPES.get(bits, ()))}; "
+                               f"{qtype} is {where}")
         out[bits] = qtype
+    _check_order(out)
     return out
 
 
 def types_from_names(names) -> dict[int, str]:
-    """``[Q6_K, Q5_0, Q4_1]`` -> ``{6: "Q6_K", 5: "Q5_0", 4: "Q4_1"}``: each type fills its bit-width's slot.
+    """``[Q6_K, Q5_0, Q4_1]`` -> ``{6: "Q6_K", 5: "Q5_0", 4: "Q4_1"}``: each type fills its bit-width's slot, and
+    where two share one the more precise moves up within its storage bits (``[Q8_0, Q4_1, Q4_0]`` ->
+    ``{8: Q8_0, 5: Q4_1, 4: Q4_0}``; then ``space.wbits=[16,8,5,4]``).
 
     Raises:
-        BackendError: a name outside the palette, or two types for one bit-width.
+        BackendError: a name outside the palette, or more types near one bit-width than slots for them.
     """
-    out: dict[int, str] = {}
+    qtypes = []
     for name in names:
         qtype = str(name).upper()
-        slot = next((b for b, ts in ALLOWED_TYPES.items() if qtype in ts), None)
-        if slot is None:
+        if not any(qtype in ts for ts in ALLOWED_TYPES.values()):
             raise BackendError(f"latency.types has {name!r}, not a type this llama.cpp backend writes and runs; "
                                f"choose from {[t for ts in ALLOWED_TYPES.values() for t in ts]}")
-        if slot in out and out[slot] != qtype:
-            raise BackendError(f"latency.types has {out[slot]} and {qtype}, both {slot}-bit: a search uses one type per "
-                               "bit-width; keep one")
-        out[slot] = qtype
-    return out
+        if qtype not in qtypes:
+            qtypes.append(qtype)
+    out: dict[int, str] = {}
+    prev = 0
+    for qtype in sorted(qtypes, key=lambda t: (quant.bits_per_weight(t), t)):
+        lo, hi = _slot_range(qtype)
+        slot = max(lo, prev + 1)
+        if slot > hi:
+            raise BackendError(f"latency.types has {out[prev]} and {qtype}: no bit-width slot is left for {qtype} "
+                               f"(it may fill {lo}-{hi}); keep one of them")
+        out[slot], prev = qtype, slot
+    return dict(sorted(out.items(), reverse=True))
 
 
 class LlamaCppBackend(Backend):

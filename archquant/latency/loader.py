@@ -47,10 +47,14 @@ def model_slug(name: str) -> str:
 
 
 def _nondefault_types(backend: Backend | None) -> list[str]:
-    """A llama.cpp backend's GGUF types that differ from its defaults, widest bit-width first (``[]`` otherwise)."""
-    from archquant.backends.llamacpp import DEFAULT_TYPES
+    """A llama.cpp backend's GGUF types that differ from its defaults, widest bit-width first (``[]`` otherwise);
+    every quantised type when one sits off its nominal slot (Q4_1 at 5 beside Q4_0), so that
+    ``latency.types=[...]`` of this list gives back the same map."""
+    from archquant.backends.llamacpp import ALLOWED_TYPES, DEFAULT_TYPES
 
     types = getattr(backend, "types", None) or {}
+    if any(t not in ALLOWED_TYPES.get(b, ()) for b, t in types.items()):
+        return [t for b, t in sorted(types.items(), reverse=True) if b < 16]
     return [t for b, t in sorted(types.items(), reverse=True) if DEFAULT_TYPES.get(b) != t]
 
 

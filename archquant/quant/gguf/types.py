@@ -27,6 +27,12 @@ ACT_TYPE = {
 }
 
 
+def bits_per_weight(qtype: str) -> float:
+    """Storage bits per weight, scales included (Q8_0 8.5, Q4_1 5.0, Q4_0 4.5, Q6_K 6.5625, F16 16)."""
+    per_block, nbytes = TYPE_SIZES[check_type(qtype)]
+    return 8 * nbytes / per_block
+
+
 class GGUFTypeError(UserError, ValueError):
     """A GGUF type outside the palette, or a row length the type's block does not divide."""
 
