@@ -6,7 +6,7 @@ import pytest
 
 from archquant.commands.session import Session
 from archquant.core.arch import Arch
-from archquant.search.allocate import allocate, base_arch, bits_gates, measure, quantised_choices
+from archquant.search.allocate import allocate, base_arch, bits_gates, measure, quantised_choices, refine
 from tests._tiny import TINY_OVERRIDES, compose_config, one_thread
 
 
@@ -102,3 +102,42 @@ def test_reference_check_scores_the_allocation(tmp_path):
     fresh = Session.load(cfg_off)
     check_references(res, fresh, cfg_off, val)
     assert fresh._sensitivity is None
+    cfg_ref = compose_config(TINY_OVERRIDES + [f"budget.latency_ms={cfg.budget.latency_ms}", "search.refine_evals=6"],
+                             tmp_path)
+    refined = check_references(res, session, cfg_ref, val)
+    rec = refined.reference["refine"]
+    assert rec["evals"] <= 6 and rec["kd"] <= rec["start_kd"] and refined.val_kd <= out.val_kd + 1e-12
+    assert lm.predict_ms(refined.arch) <= cfg.budget.latency_ms * (1 + 1e-6)
+
+
+def test_local_search_fixes_what_additive_sensitivities_get_wrong(session):
+    """Two gates that hurt only together: measured one at a time they look free, so the greedy allocation lowers
+    both; the local search scores real neighbours and raises one of them, within the budget and the scorings."""
+    space, lm = session.space, session.latency_model
+    gates = bits_gates(space)
+    a, b = "layers.0.wbits.qkv", "layers.1.wbits.down"
+    assert a in gates and b in gates
+    weights = {g: 0.01 * (i + 1) for i, g in enumerate(gates)} | {a: 0.0, b: 0.0}
+    additive = _synthetic_kd(space, weights)
+
+    def kd_of(arch):
+        choice = arch.to_choices(space)
+        low = [g for g in (a, b) if choice[g] != quantised_choices(space, g)[0]]
+        return additive(arch) + (10.0 if len(low) == 2 else 0.0)  # an interaction the sensitivities cannot see
+
+    sens = measure(space, lm, kd_of)
+    assert all(sens.kd[g][quantised_choices(space, g)[-1]] == sens.base_kd for g in (a, b))  # look free alone
+    low = {g: quantised_choices(space, g)[-1] for g in gates}
+    floor = lm.predict_ms(Arch.from_choices(space, base_arch(space).to_choices(space) | low))
+    budget = floor + 0.5 * (lm.predict_ms(base_arch(space)) - floor)
+    greedy = allocate(space, lm, sens, budget)
+    assert kd_of(greedy) >= 10.0  # both left low: free in the additive model
+    calls = []
+    out = refine(space, lm, sens, greedy, budget, lambda x: calls.append(x) or kd_of(x), max_evals=40)
+    assert out.kd < 10.0 and out.kd == pytest.approx(kd_of(out.arch)) and out.start_kd == kd_of(greedy)
+    assert lm.predict_ms(out.arch) <= budget * (1 + 1e-6)
+    assert out.evals == len(calls) - 1 <= 40 and out.accepted  # one scoring of the start, then <= max_evals
+    again = refine(space, lm, sens, greedy, budget, kd_of, max_evals=1)
+    assert again.evals <= 1
+    settled = refine(space, lm, sens, out.arch, budget, kd_of, max_evals=40)
+    assert settled.kd <= out.kd  # never worse than where it starts

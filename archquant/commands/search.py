@@ -29,6 +29,7 @@ IDENTITY_IGNORE = (
     "logger",
     "eval",
     "search.reference_check",  # scores the result after the loop; a resumed loop is the same either way
+    "search.refine_evals",
     "slo",
     "pareto",
     "run",
@@ -138,6 +139,14 @@ def check_references(result: SearchResult, session: Session, cfg, val) -> Search
     best = min(scored, key=scored.get)
     log.info("held-out KD of the searched arch vs the references meeting the budget: %s",
              ", ".join(f"{k} {v:.4f}" for k, v in scored.items()))
+    refined = None
+    if cfg.search.refine_evals and cfg.search.allocate_bits and bits_gates(session.space):
+        refined = _refine(session, cfg, val, archs[best], scored[best])
+        if refined is not None and refined.kd < scored[best]:
+            log.info("local search from %s: held-out KD %.4f -> %.4f in %d scorings (%d moves taken)",
+                     best, scored[best], refined.kd, refined.evals, len(refined.accepted))
+            best = f"{best}+refined" if best != "search" else "search+refined"
+            archs[best], scored[best] = refined.arch, refined.kd
     if best == "search":
         return result
     arch = archs[best]
@@ -147,8 +156,20 @@ def check_references(result: SearchResult, session: Session, cfg, val) -> Search
         result, arch=arch, predicted_ms=float(lm.predict_ms(arch)), predicted_mb=float(lm.predict_mb(arch)),
         meets_budget=True, val_kd=scored[best],
         reference={"name": best, "val_kd": scored[best], "searched_val_kd": scored["search"],
-                   "searched_arch": result.arch.summary()},
+                   "searched_arch": result.arch.summary(),
+                   **({"refine": {"start_kd": refined.start_kd, "kd": refined.kd, "evals": refined.evals,
+                                  "accepted": refined.accepted}} if refined is not None else {})},
     )
+
+
+def _refine(session: Session, cfg, val, start, start_kd: float):
+    """``search.allocate.refine`` from ``start`` with the session's sensitivities, scored like the references."""
+    from archquant.search.allocate import refine
+
+    temperature = cfg.search.kd_temperature
+    return refine(session.space, session.latency_model, session.bit_sensitivity(val, temperature), start,
+                  cfg.budget.latency_ms, lambda a: model_kd(session.materialize(a), val, temperature),
+                  cfg.search.refine_evals, start_kd=start_kd)
 
 
 def write_search_record(out: Path, cfg, session: Session, rng, result: SearchResult) -> None:

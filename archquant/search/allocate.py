@@ -118,3 +118,82 @@ def allocate(space: Space, latency_model, sens: Sensitivity, budget_ms: float) -
     choice.update(current)
     arch = Arch.from_choices(space, choice)
     return arch if latency_model.predict_ms(arch) <= budget_ms * (1 + 1e-6) else None
+
+
+@dataclasses.dataclass
+class LocalResult:
+    """What ``refine`` found: the arch, its KD, and each evaluated move."""
+
+    arch: Arch
+    kd: float
+    start_kd: float
+    evals: int
+    accepted: list[dict]
+
+
+def _moves(sens: Sensitivity, choice: dict, slack_ms: float) -> list[tuple[float, dict]]:
+    """Bits moves from ``choice`` that fit ``slack_ms`` (predicted ms left under the budget), with the KD change the
+    additive sensitivities predict (negative = better): one gate up, or one gate up and another down."""
+    steps = {g: sorted(by_bits, reverse=True) for g, by_bits in sens.kd.items()}
+    ups, downs = [], []
+    for g, s in steps.items():
+        b = choice[g]
+        if b not in s:  # e.g. kept at 16 by a search: not a move this neighbourhood knows
+            continue
+        i = s.index(b)
+        if i > 0:
+            nb = s[i - 1]
+            ups.append((g, nb, sens.kd[g][nb] - sens.kd[g][b], sens.ms[g][nb] - sens.ms[g][b]))
+        if i + 1 < len(s):
+            nb = s[i + 1]
+            downs.append((g, nb, sens.kd[g][nb] - sens.kd[g][b], sens.ms[g][nb] - sens.ms[g][b]))
+    out = [(dkd, {g: nb}) for g, nb, dkd, dms in ups if dms <= slack_ms]
+    for gu, bu, kd_u, ms_u in ups:
+        for gd, bd, kd_d, ms_d in downs:
+            if gd != gu and ms_u + ms_d <= slack_ms:
+                out.append((kd_u + kd_d, {gu: bu, gd: bd}))
+    out.sort(key=lambda m: m[0])
+    return out
+
+
+def refine(space: Space, latency_model, sens: Sensitivity, start: Arch, budget_ms: float,
+           kd_of: Callable[[Arch], float], max_evals: int, start_kd: float | None = None) -> LocalResult:
+    """First-improvement local search over the bits gates of ``start``, each candidate scored by ``kd_of``.
+
+    The greedy allocation trusts that sensitivities add; this checks its neighbours for real: moves (raise one
+    gate, or raise one and lower another) that fit the budget are tried in the order of the KD change the
+    sensitivities predict, each materialised and scored by held-out KD; the first that lowers it is taken and the
+    neighbourhood recomputed. Widths stay as ``start`` has them. At most ``max_evals`` scorings.
+    """
+    cur = start
+    cur_kd = kd_of(start) if start_kd is None else start_kd
+    first_kd, evals, accepted, tried = cur_kd, 0, [], set()
+    while evals < max_evals:
+        choice = cur.to_choices(space)
+        slack = budget_ms - float(latency_model.predict_ms(cur))
+        improved = False
+        for predicted, move in _moves(sens, choice, slack):
+            key = json_key({**choice, **move})
+            if key in tried:
+                continue
+            tried.add(key)
+            cand = Arch.from_choices(space, {**choice, **move})
+            if latency_model.predict_ms(cand) > budget_ms * (1 + 1e-6):
+                continue
+            kd = kd_of(cand)
+            evals += 1
+            if kd < cur_kd:
+                accepted.append({"move": move, "kd": kd, "predicted_change": predicted, "eval": evals})
+                cur, cur_kd, improved = cand, kd, True
+                break
+            if evals >= max_evals:
+                break
+        if not improved:
+            break
+    return LocalResult(cur, cur_kd, first_kd, evals, accepted)
+
+
+def json_key(choice: dict) -> str:
+    import json
+
+    return json.dumps({k: choice[k] for k in sorted(choice)}, default=str)

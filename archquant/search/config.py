@@ -56,6 +56,10 @@ class SearchConfig:
         allocate_bits: with ``reference_check``, add the greedy bit allocation by measured sensitivity
             (``search.allocate``; one held-out KD per bits gate and lower choice, measured once per session)
             to the references.
+        refine_evals: with ``reference_check``, after the best of the searched arch and the references is
+            chosen, a local search over its bits gates (``search.allocate.refine``: raise one gate, or raise one
+            and lower another, within the budget), each neighbour scored by held-out KD, at most this many
+            scorings. 0 = off.
         repair: after the argmax, move open gates to cheaper choices (least probability lost first)
             until the predicted latency/memory meet the budget.
         keep_checkpoints: how many recent checkpoints to keep.
@@ -89,11 +93,14 @@ class SearchConfig:
     repair: bool = True
     reference_check: bool = True
     allocate_bits: bool = True
+    refine_evals: int = 0
     keep_checkpoints: int = 2
     mix_outputs_max_tokens: int = 0
     width_prior: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.refine_evals < 0:
+            raise ValueError(f"search.refine_evals must be >= 0 (0 = off), got {self.refine_evals}")
         for key in ("steps", "batch_size", "prune_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"search.{key} must be > 0, got {getattr(self, key)}")
