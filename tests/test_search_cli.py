@@ -156,11 +156,12 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
         return real(model, *a, **k)
 
     monkeypatch.setattr(ppl_mod, "perplexity", only_the_original)
-    again, _ = pareto_job(cfg, session=session)  # searched points' quality from the cache, latency timed afresh
+    again, again_front = pareto_job(cfg, session=session)  # searched points' quality from the cache, latency timed afresh
     assert {p.name: p.ppl for p in again if p.source == "search"} == {p.name: p.ppl for p in twins + points if p.source == "search"}
     monkeypatch.undo()
     rec = json.loads((tmp_path / "pareto.json").read_text())
-    assert set(rec["front"]) == {p.name for p in front} and rec["metric"] == "ppl"
+    # pareto.json is the second call's: its front (timed afresh, so on a busy machine not always the first's)
+    assert set(rec["front"]) == {p.name for p in again_front} and rec["metric"] == "ppl"
     assert (tmp_path / "pareto.png").exists()
     assert all((tmp_path / "sweep" / f / "point.json").exists() for f in ("0.2", "0.7"))  # evaluation cache
 
