@@ -242,6 +242,45 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The README tables: every point, then each target's comparison."""
+    zs_tasks = next((list(r["zero_shot"]) for r in result["points"] if r.get("zero_shot")), [])
+    lines = ["| point | family | decode ms [interval] | ppl | MB | " + " | ".join(zs_tasks) + " |",
+             "|---|---|---|---|---|" + "---|" * len(zs_tasks)]
+    twins: dict[str, list[str]] = {}
+    for r in result["points"]:
+        if r.get("same_as"):
+            twins.setdefault(r["same_as"], []).append(r["name"])
+    for r in sorted(result["points"], key=lambda r: r["ms"]):
+        if r.get("same_as"):
+            continue
+        ci = r.get("ci_ms") or [r["ms"], r["ms"]]
+        zs = r.get("zero_shot") or {}
+        cells = [f"{zs[t][zs[t]['metric']]:.3f} +- {zs[t]['stderr']:.3f}" if t in zs else "" for t in zs_tasks]
+        name = r["name"] + (f" ({r['reference']})" if r.get("reference") else "")
+        name += f" (= {', '.join(twins[r['name']])})" if r["name"] in twins else ""
+        lines.append(f"| {name} | {r['family']} | {r['ms']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r['ppl']:.2f} | "
+                     f"{r['file_mb']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "| target ms | joint pick: ms, ppl | vs prune_quantise | vs sequential_search | vs best preset | "
+                  "speed-up at equal ppl (vs baselines) |", "|---|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        j = c["joint"]
+        cells = []
+        for fam in ("prune_quantise", "sequential_search", "preset"):
+            e = c["versus"][fam]
+            if e["unmet"]:
+                cells.append("unmet")
+                continue
+            d = e.get("joint_minus")
+            diff = "" if not d else f": {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+            cells.append(f"{e['point']['name']} {e['point']['ppl']:.2f}{diff}" + (" (same point)" if e.get("same_point") else ""))
+        sp = (c.get("speedup_vs_baselines") or {})
+        speed = "none as accurate" if j and sp.get("speedup") is None else (f"{sp['speedup']:.2f}x vs {sp['versus']['name']}" if j else "")
+        head = f"{j['name']} {j['ms']:.2f}, {j['ppl']:.2f}" if j else "unmet"
+        lines.append(f"| {c['target_ms']:.2f} | {head} | " + " | ".join(cells) + f" | {speed} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "exp_joint_vs_sequential"))
@@ -258,11 +297,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=500, help="rows per zero-shot task (0: all)")
     ap.add_argument("--piqa-limit", type=int, default=0, help="PIQA rows (0: all)")
     ap.add_argument("--output", default="exp_joint_vs_sequential")
+    ap.add_argument("--markdown", action="store_true", help="print the README tables of results/<output>.json and stop")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the searches (after --)")
     args = ap.parse_args(argv)
     if args.ppl_stride < 1 or args.targets < 1 or args.rounds < 1:
         ap.error("--ppl-stride, --targets and --rounds must be >= 1")
     args.limit, args.piqa_limit = args.limit or None, args.piqa_limit or None
+    if args.markdown:
+        result = json.loads((ROOT / "results" / f"{args.output}.json").read_text())
+        print(markdown(result))
+        return result
     torch.set_num_threads(args.threads)
 
     from archquant.search.compare import Scored, compare_at_targets, family_of, targets_between
