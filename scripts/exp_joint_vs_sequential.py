@@ -207,6 +207,18 @@ def time_files(files: dict[str, Path], rounds: int, threads: int) -> dict[str, d
     return {name: {"ms": m.ms, "ci_ms": m.ci_ms, "ci_level": m.ci_level, "rounds_ms": m.samples} for name, m in out.items()}
 
 
+def _previous_timing(path: Path, files: dict[str, Path]) -> dict[str, dict] | None:
+    """The timings a previous run of this experiment wrote, if it timed exactly these files (``--reuse-timing``:
+    more windows or tasks scored later keep the interleaved rounds every point was timed in together)."""
+    if not path.is_file():
+        return None
+    old = {r["name"]: r for r in json.loads(path.read_text())["points"] if not r.get("same_as")}
+    if set(old) != set(files) or any(old[n]["file"] != str(p) for n, p in files.items()):
+        print(f"--reuse-timing: {path} timed other files; timing again", flush=True)
+        return None
+    return {n: {k: old[n][k] for k in ("ms", "ci_ms", "ci_level", "rounds_ms")} for n in files}
+
+
 def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -297,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=500, help="rows per zero-shot task (0: all)")
     ap.add_argument("--piqa-limit", type=int, default=0, help="PIQA rows (0: all)")
     ap.add_argument("--output", default="exp_joint_vs_sequential")
+    ap.add_argument("--reuse-timing", action="store_true",
+                    help="keep the timings of results/<output>.json when it timed the same files (score more, time once)")
     ap.add_argument("--markdown", action="store_true", help="print the README tables of results/<output>.json and stop")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the searches (after --)")
     args = ap.parse_args(argv)
@@ -323,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     files = point_files(points, session, out / "gguf")
     print(f"{len(files)} distinct files of {len(points)} points", flush=True)
 
-    timing = time_files(files, args.rounds, args.threads)  # first: scoring takes hours, timing minutes
+    timing = _previous_timing(ROOT / "results" / f"{args.output}.json", files) if args.reuse_timing else None
+    if timing is None:
+        timing = time_files(files, args.rounds, args.threads)  # first: scoring takes hours, timing minutes
     scores = {}
     for name, path in files.items():
         print(f"perplexity of {name} ({path.name})", flush=True)

@@ -77,6 +77,9 @@ def test_compare_reports_unmet_families_and_significant_differences():
     assert row["versus"]["preset"]["point"]["name"] == "q4" and row["versus"]["preset"]["joint_better"]
     # the only baseline at least as accurate is pq (43 <= 44) at 11 ms
     assert row["speedup_vs_baselines"]["speedup"] == pytest.approx(11.0 / 9.0)
+    # a full-width uniform point is what both baselines give at a looser budget: it counts for the speed-up
+    (row,) = compare_at_targets(pts + [scored("w8", "uniform", 10.0, 43.5)], [9.5], TOKENS)
+    assert row["speedup_vs_baselines"]["versus"]["name"] == "w8" and row["versus"]["sequential_search"]["point"]["name"] == "seq"
     assert row["speedup_vs_presets"]["versus"]["name"] == "orig"
 
 

@@ -6,7 +6,8 @@ records: every point carries a family (``joint``: the search's result; ``prune_q
 ``full``: references), a measured latency, a perplexity and its per-window NLLs. At each latency target a
 family is represented by its most accurate point whose measured median meets the target; the joint pick is
 compared to each by a paired bootstrap over the same windows, and its speed-up at equal perplexity is the
-latency of the fastest baseline point at least as accurate divided by its own.
+latency of the fastest baseline point at least as accurate (full-width uniform points count: they are what
+both baselines return at a budget that fits the full shape) divided by its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from archquant.evaluation.bootstrap import paired_ppl_difference
 
 BASELINE_FAMILIES = ("prune_quantise", "sequential_search")
+# what either baseline returns at a budget where the full shape fits after uniform quantisation
+UNIFORM_FAMILIES = ("uniform",)
 PRESET_FAMILIES = ("preset", "original")
 
 
@@ -84,10 +87,11 @@ def _difference(a: Scored, b: Scored, tokens_per_window: int) -> dict | None:
 def compare_at_targets(points: Sequence[Scored], targets_ms: Sequence[float], tokens_per_window: int) -> list[dict]:
     """Per target: the joint pick, the best point of each baseline family and the best preset meeting it, the
     joint-minus-other perplexity difference with its paired-bootstrap 95% interval, and the joint pick's
-    speed-up at equal perplexity over every baseline point (any latency).
+    speed-up at equal perplexity over every baseline point at any latency, the full-width uniform points included
+    (what both baselines return at a budget the full shape meets after uniform quantisation).
 
     A family with no point meeting a target is reported as ``unmet`` (None), never dropped."""
-    baselines = [p for p in points if p.family in BASELINE_FAMILIES]
+    baselines = [p for p in points if p.family in BASELINE_FAMILIES + UNIFORM_FAMILIES]
     rows = []
     for t in targets_ms:
         joint = best_meeting(points, ("joint",), t)
