@@ -257,7 +257,7 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
 def markdown(result: dict) -> str:
     """The README tables: every point, then each target's comparison."""
     zs_tasks = next((list(r["zero_shot"]) for r in result["points"] if r.get("zero_shot")), [])
-    lines = ["| point | family | decode ms [interval] | ppl | MB | " + " | ".join(zs_tasks) + " |",
+    lines = ["| point | family | decode ms [interval] | ppl | MB |" + "".join(f" {t} |" for t in zs_tasks),
              "|---|---|---|---|---|" + "---|" * len(zs_tasks)]
     twins: dict[str, list[str]] = {}
     for r in result["points"]:
@@ -272,7 +272,7 @@ def markdown(result: dict) -> str:
         name = r["name"] + (f" ({r['reference']})" if r.get("reference") else "")
         name += f" (= {', '.join(twins[r['name']])})" if r["name"] in twins else ""
         lines.append(f"| {name} | {r['family']} | {r['ms']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r['ppl']:.2f} | "
-                     f"{r['file_mb']:.1f} | " + " | ".join(cells) + " |")
+                     f"{r['file_mb']:.1f} |" + "".join(f" {c} |" for c in cells))
     lines += ["", "| target ms | joint pick: ms, ppl | vs prune_quantise | vs sequential_search | vs best preset | "
                   "speed-up at equal ppl (vs baselines) |", "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:

@@ -124,6 +124,7 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     from archquant.commands.pick import pick_job
     from archquant.commands.search import search_job
     from archquant.commands.session import Session
+    from archquant.search.pick import indistinguishable
 
     cfg0 = _cfg(TINY, tmp_path)
     session = Session.load(cfg0)
@@ -173,7 +174,8 @@ def test_pareto_and_pick_on_two_searches(tmp_path, feasible, monkeypatch):
     picked = pick_job(_cfg(TINY + [f"slo.latency_ms={slowest.measured_ms}", f"slo.front={tmp_path}"], tmp_path))
     assert picked.met and picked.point.ppl == min(p.ppl for p in points)
     none = pick_job(_cfg(TINY + [f"slo.latency_ms={fastest.measured_ms / 10}", f"slo.front={tmp_path}"], tmp_path))
-    assert not none.met and none.fastest.measured_ms <= fastest.latency_ci_ms[1]  # fastest, or timed alike
+    # the fastest, or a more accurate point the timing cannot tell from it (overlapping intervals)
+    assert not none.met and (none.fastest.name == fastest.name or indistinguishable(none.fastest, fastest))
     saved = json.loads((tmp_path / "picked.json").read_text())
     assert saved["met"] is False and "no point meets" in saved["message"]
     # as a command: exit code 3 when no point meets the SLO (picked.json written all the same), 0 when one does
