@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -86,26 +87,25 @@ def session_of(overrides: list[str], out_dir: Path):
 
 
 def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
-    """``name -> GGUF`` for every distinct point (twins share their source's file)."""
+    """``name -> GGUF`` for every distinct point (twins share their source's file; the F16 ``full`` point, which
+    has no arch, is left out)."""
     from archquant.core.arch import Arch
-    from archquant.engine.gguf_writer import export_gguf, plan_gguf
+    from archquant.engine.gguf_writer import export_gguf
 
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     for p in points:
         extra = p.get("extra") or {}
-        if extra.get("same_arch_as") or p["source"] == "full" or p.get("arch") is None and p["source"] != "preset":
-            continue
         if p["source"] == "preset":
             files[p["name"]] = Path(extra["gguf"])
+            continue
+        if extra.get("same_arch_as") or p.get("arch") is None:
             continue
         path = folder / f"{p['name'].replace('@', '_at_')}.gguf"
         if not path.is_file():
             model = session.materialize(Arch.from_dict(p["arch"]))
-            src = session.gguf_source()
-            tmp = path.with_suffix(".tmp.gguf")
-            export_gguf(model, tmp, source_gguf=src, tokenizer=None if src else session.tokenizer,
-                        types=plan_gguf(model).types)
+            tmp = path.with_suffix(".tmp.gguf")  # the model's own types; the original's tokenizer where there is one
+            export_gguf(model, tmp, source_gguf=session.gguf_source(), tokenizer=session.tokenizer)
             tmp.replace(path)
         files[p["name"]] = path
     return files
@@ -130,8 +130,6 @@ def _load(cache: Path) -> dict:
 
 def score_ppl(path: Path, tok, args) -> dict:
     """Per-window NLLs of one GGUF in llama.cpp on every ``--ppl-stride``-th WikiText-2 window, cached per window."""
-    import math
-
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
     from archquant.engine.llamacpp import open_gguf_lm
@@ -385,18 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     (ROOT / "results").mkdir(exist_ok=True)
     atomic_write_json(ROOT / "results" / f"{args.output}.json", result)
     plot(rows, comparisons, ROOT / "results" / f"{args.output}.png")
-    for c in comparisons:
-        j = c["joint"]
-        line = f"target {c['target_ms']:.2f} ms: joint {j['name'] if j else 'unmet'}"
-        if j:
-            line += f" {j['ms']:.2f} ms ppl {j['ppl']:.2f}"
-        for fam, e in c["versus"].items():
-            d = e.get("joint_minus")
-            line += f" | {fam}: " + ("unmet" if e["unmet"] else f"{e['point']['name']} ppl {e['point']['ppl']:.2f}" +
-                                     (f" diff {d['diff']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else ""))
-        sp = c.get("speedup_vs_baselines") or {}
-        line += f" | speed-up at equal ppl: {sp.get('speedup') and round(sp['speedup'], 3)}"
-        print(line)
+    print(markdown(result))
     print(f"wrote results/{args.output}.json and .png")
     return result
 

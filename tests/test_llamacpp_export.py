@@ -247,13 +247,25 @@ def test_backend_options_that_do_not_fit_fail_clearly():
         get_backend("llamacpp", {"types": {"4": "Q5_0"}})
 
 
+def assert_blocks_as_simulated(tensors, sub):
+    """attn_v and the MLP of blocks 0/1 hold, bit for bit, the blocks the materialised subnet computes with (they are
+    stored as they are; q and k rows are permuted for llama.cpp's RoPE)."""
+    from archquant.quant.gguf import dequantize_raw
+
+    for name, mod in (("blk.0.attn_v.weight", sub.model.layers[0].self_attn.v_proj),
+                      ("blk.1.ffn_up.weight", sub.model.layers[1].mlp.up_proj),
+                      ("blk.0.ffn_down.weight", sub.model.layers[0].mlp.down_proj)):
+        raw = np.asarray(tensors[name].data)
+        got = dequantize_raw(raw, tensors[name].tensor_type.name).reshape(mod.weight.shape)
+        torch.testing.assert_close(got, mod.quantized_weight().float(), rtol=0, atol=0)
+
+
 def test_two_four_bit_types_in_one_subnet_are_exported_bit_for_bit(tmp_path):
     """``latency.types=[Q4_1,Q4_0]``: Q4_1 as the 5-bit choice, Q4_0 as the 4-bit one, both in one GGUF as simulated."""
     from _tiny import TINY_OVERRIDES, compose_config
     from gguf import GGUFReader
 
     from archquant.commands.session import Session
-    from archquant.quant.gguf import dequantize_raw
 
     cfg = compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[16,8,5,4]",
                                            "space.lm_head_bits=[16,8,5,4]", "latency.types=[Q4_1,Q4_0]"], tmp_path)
@@ -268,12 +280,7 @@ def test_two_four_bit_types_in_one_subnet_are_exported_bit_for_bit(tmp_path):
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     assert tensors["blk.0.attn_v.weight"].tensor_type.name == "Q4_1"
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
-    for name, mod in (("blk.0.attn_v.weight", sub.model.layers[0].self_attn.v_proj),
-                      ("blk.1.ffn_up.weight", sub.model.layers[1].mlp.up_proj),
-                      ("blk.0.ffn_down.weight", sub.model.layers[0].mlp.down_proj)):
-        raw = np.asarray(tensors[name].data)
-        got = dequantize_raw(raw, tensors[name].tensor_type.name).reshape(mod.weight.shape)
-        torch.testing.assert_close(got, mod.quantized_weight().float(), rtol=0, atol=0)
+    assert_blocks_as_simulated(tensors, sub)
 
 
 def test_palette_types_from_the_config_reach_the_space_the_supernet_and_the_gguf(tmp_path):
@@ -283,7 +290,6 @@ def test_palette_types_from_the_config_reach_the_space_the_supernet_and_the_gguf
 
     from archquant.commands.session import Session
     from archquant.engine.gguf_reader import read_header
-    from archquant.quant.gguf import dequantize_raw
 
     cfg = compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[16,8,5,4]",
                                            "space.lm_head_bits=[16,8]", "latency.types=[Q4_1,Q5_0]"], tmp_path)
@@ -301,13 +307,7 @@ def test_palette_types_from_the_config_reach_the_space_the_supernet_and_the_gguf
     tensors = {t.name: t for t in GGUFReader(path).tensors}
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q5_0"
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
-    # attn_v and the MLP are stored as they are (q and k rows are permuted for llama.cpp's RoPE)
-    for name, mod in (("blk.0.attn_v.weight", sub.model.layers[0].self_attn.v_proj),
-                      ("blk.1.ffn_up.weight", sub.model.layers[1].mlp.up_proj),
-                      ("blk.0.ffn_down.weight", sub.model.layers[0].mlp.down_proj)):
-        raw = np.asarray(tensors[name].data)
-        got = dequantize_raw(raw, tensors[name].tensor_type.name).reshape(mod.weight.shape)
-        torch.testing.assert_close(got, mod.quantized_weight().float(), rtol=0, atol=0)
+    assert_blocks_as_simulated(tensors, sub)
     assert read_header(path)[0]  # a readable header
 
 

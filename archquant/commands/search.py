@@ -142,10 +142,10 @@ def check_references(result: SearchResult, session: Session, cfg, val) -> Search
     refined = None
     if cfg.search.refine_evals and cfg.search.allocate_bits and bits_gates(session.space):
         refined = _refine(session, cfg, val, archs[best], scored[best])
-        if refined is not None and refined.kd < scored[best]:
+        if refined.kd < scored[best]:
             log.info("local search from %s: held-out KD %.4f -> %.4f in %d scorings (%d moves taken)",
                      best, scored[best], refined.kd, refined.evals, len(refined.accepted))
-            best = f"{best}+refined" if best != "search" else "search+refined"
+            best = f"{best}+refined"
             archs[best], scored[best] = refined.arch, refined.kd
     if best == "search":
         return result

@@ -15,6 +15,7 @@ on held-out KD like the searched arch, so a poor additivity assumption can only 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable
 
 from archquant.core.arch import Arch
@@ -173,7 +174,7 @@ def refine(space: Space, latency_model, sens: Sensitivity, start: Arch, budget_m
         slack = budget_ms - float(latency_model.predict_ms(cur))
         improved = False
         for predicted, move in _moves(sens, choice, slack):
-            key = json_key({**choice, **move})
+            key = json.dumps({**choice, **move}, sort_keys=True, default=str)
             if key in tried:
                 continue
             tried.add(key)
@@ -191,9 +192,3 @@ def refine(space: Space, latency_model, sens: Sensitivity, start: Arch, budget_m
         if not improved:
             break
     return LocalResult(cur, cur_kd, first_kd, evals, accepted)
-
-
-def json_key(choice: dict) -> str:
-    import json
-
-    return json.dumps({k: choice[k] for k in sorted(choice)}, default=str)

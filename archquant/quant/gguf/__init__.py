@@ -39,9 +39,8 @@ from archquant.quant.gguf.types import (
 )
 
 __all__ = [
-    "bits_per_weight",
     "ACT_TYPE", "BLOCK", "FLOAT_TYPES", "K_TYPES", "LEGACY_TYPES", "PALETTE", "QK_K", "QUANT_TYPES",
-    "SUPPORTED_TYPES", "TYPE_SIZES", "GGUFTypeError", "block_size", "check_row", "check_type", "type_nbytes",
+    "SUPPORTED_TYPES", "TYPE_SIZES", "GGUFTypeError", "bits_per_weight", "block_size", "check_row", "check_type", "type_nbytes",
     "types_for_row", "quantize", "dequantize", "pack", "pack_parts", "dequantize_raw", "weight_as_type",
     "fake_quant_weight", "weighted_error", "quantize_act_q8", "quantize_act_q8k", "act_as_type",
     "fake_quant_act", "linear", "memo",
