@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--ppl-stride, --targets and --rounds must be >= 1")
     args.limit, args.piqa_limit = args.limit or None, args.piqa_limit or None
     if args.markdown:
-        result = json.loads((ROOT / "results" / f"{args.output}.json").read_text())
+        path = ROOT / "results" / f"{args.output}.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: run this script without --markdown first")
+        result = json.loads(path.read_text())
         print(markdown(result))
         return result
     torch.set_num_threads(args.threads)
@@ -330,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         run = out / "run"
         overrides = run_searches(out, args.fractions, list(args.overrides))
+    if not (run / "pareto.json").is_file():
+        raise SystemExit(f"{run} has no pareto.json: pass a finished archquant-run folder to --run, or leave --run out")
     points = json.loads((run / "pareto.json").read_text())["points"]
     cfg, session = session_of(overrides, run)
     files = point_files(points, session, out / "gguf")
