@@ -6,13 +6,14 @@ dataclasses' ``__post_init__`` with a message naming the override key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from archquant.core.space import SpaceConfig
+from archquant.core.space import SpaceConfig, named_types
 from archquant.data.config import DataConfig
 from archquant.distill.config import DistillConfig
 from archquant.evaluation.config import EvalConfig
@@ -81,6 +82,27 @@ class Config:
     out_dir: str = "."
     resume: str | None = None  # a run folder to continue from its latest checkpoint (same config required)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """GGUF type names in ``space.wbits`` / ``space.lm_head_bits`` become ``latency.types`` (added to any
+        listed there) and the bit-width slots those types fill, so every later reader sees bit-widths."""
+        names = named_types(self.space)
+        if not names:
+            return
+        if self.latency.backend != "llamacpp":
+            raise ValueError(f"space.wbits / space.lm_head_bits name GGUF types {names}, which only "
+                             f"latency.backend=llamacpp stores; write bit-widths (e.g. [16,8,4]) for "
+                             f"latency.backend={self.latency.backend}")
+        from archquant.backends.llamacpp import ALLOWED_TYPES, BackendError, LlamaCppBackend, types_from_names
+
+        palette = [t for ts in ALLOWED_TYPES.values() for t in ts]
+        unknown = [n for n in names if n not in palette]
+        if unknown:
+            raise BackendError(f"space.wbits / space.lm_head_bits name {unknown}: not a bit-width nor a type this "
+                               f"llama.cpp backend writes and runs; choose bit-widths or from {palette}")
+        types = list(dict.fromkeys([str(t).upper() for t in self.latency.types] + [n for n in names if n != "F16"]))
+        self.latency = dataclasses.replace(self.latency, types=types)  # validates the names
+        self.space = LlamaCppBackend(types_from_names(types)).name_slots(self.space)
 
 
 def register_configs() -> None:

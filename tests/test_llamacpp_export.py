@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
@@ -316,8 +317,11 @@ def test_palette_types_that_llama_cpp_would_change_or_does_not_have_are_refused(
 
     model, _ = tiny
     space = SpaceConfig(width_multiple=32, group_size=32, wbits=[16, 8, 6])
-    with pytest.raises(BackendError, match=r"Q6_K \(6-bit\) needs rows that are multiples of 256.*q/k/v/gate/up rows"):
-        get_backend("llamacpp", {"types": {6: "Q6_K"}}).restrict_space(space, model.config)
+    # without llama.cpp's fallback a K-quant is refused where a row can miss a multiple of 256, naming the tensors
+    with pytest.raises(BackendError, match=r"Q6_K \(6-bit\) needs rows that are multiples of 256.*q/k/v/gate/up rows"
+                                           r".*latency.fallback=true stores Q8_0"):
+        get_backend("llamacpp", {"types": {6: "Q6_K"}, "fallback": False}).restrict_space(space, model.config)
+    get_backend("llamacpp", {"types": {6: "Q6_K"}}).restrict_space(space, model.config)  # with it: Q8_0 there
     with pytest.raises(BackendError, match="Q8_0 is a 8-bit type"):
         get_backend("llamacpp", {"types": {4: "Q8_0"}})
     with pytest.raises(BackendError, match=r"'Q4_X' is not a type.*IQ4_NL"):
@@ -374,3 +378,48 @@ def test_a_file_mostly_of_any_palette_type_is_labelled_and_runs(tiny, tmp_path, 
         ref = sub(torch.tensor([ids])).logits[0]
     assert torch.isfinite(got).all()
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+def test_types_named_in_space_wbits_become_latency_types_and_slots(tmp_path):
+    """``space.wbits=[F16,Q8_0,Q4_1,Q4_0]`` is the same search as ``latency.types=[Q8_0,Q4_1,Q4_0]`` with
+    ``space.wbits=[16,8,5,4]``; a name the palette lacks or another backend fails at composition."""
+    from _tiny import TINY_OVERRIDES, compose_config
+
+    from archquant.backends import BackendError
+
+    named = compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[F16,Q8_0,Q4_1,Q4_0]",
+                                             "space.lm_head_bits=[F16,q8_0]"], tmp_path)
+    assert named.space.wbits == [16, 8, 5, 4] and named.space.lm_head_bits == [16, 8]
+    assert named.latency.types == ["Q8_0", "Q4_1", "Q4_0"]
+    assert named.latency.backend_options() == {"types": {8: "Q8_0", 5: "Q4_1", 4: "Q4_0"}}
+    with pytest.raises(BackendError, match=r"name \['Q4_X'\]: not a bit-width nor a type"):
+        compose_config(TINY_OVERRIDES + ["latency.backend=llamacpp", "space.wbits=[F16,Q4_X]"], tmp_path)
+    with pytest.raises(ValueError, match="only latency.backend=llamacpp stores"):
+        compose_config(TINY_OVERRIDES + ["space.wbits=[F16,Q4_0]"], tmp_path)
+    # the Python API: a backend gives names its own slots, and refuses one it does not store
+    from archquant.backends.llamacpp import LlamaCppBackend
+
+    cfg = SpaceConfig(width_multiple=32, group_size=32, wbits=["F16", "Q4_1"], lm_head_bits=[16])
+    assert LlamaCppBackend({4: "Q4_1"}).name_slots(cfg).wbits == [16, 4]
+    with pytest.raises(BackendError, match=r"space.wbits names \['Q4_1'\].*latency.types"):
+        LlamaCppBackend().name_slots(cfg)
+
+
+def test_arch_records_its_gguf_types_and_another_backend_is_refused(tiny):
+    from archquant.backends.llamacpp import LlamaCppBackend
+    from archquant.core.arch import ArchError
+
+    model, _ = tiny
+    sn = build(model, SpaceConfig(width_multiple=32, group_size=32), backend=LlamaCppBackend({4: "Q4_1"}))
+    arch = Arch.full(sn.space, bits=4)
+    arch.weight_types = sn.backend.options()["types"]
+    assert Arch.from_dict(json.loads(json.dumps(arch.to_dict()))).weight_types == {"16": "F16", "8": "Q8_0", "4": "Q4_1"}
+    materialize(sn, arch)  # same types: fine
+    other = build(model, SpaceConfig(width_multiple=32, group_size=32), backend=LlamaCppBackend())
+    with pytest.raises(ArchError, match=r"4-bit: record Q4_1, backend Q4_0\); set latency.types=\[Q8_0,Q4_1\]"):
+        materialize(other, arch)
+    arch.weight_types = {"16": "F16", "8": "Q8_0", "4": "Q4_1"}  # a record whose used bits agree is accepted
+    for la in arch.layers:
+        la.wbits = {k: 8 for k in la.wbits}
+    arch.lm_head_bits = 8
+    materialize(other, arch)

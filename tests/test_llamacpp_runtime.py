@@ -188,3 +188,38 @@ def test_generate_serves_the_export_folders_gguf(tiny, tmp_path):
     assert gguf_to_serve(str(tmp_path / "elsewhere"), "auto") is None  # no GGUF: the packed model runs
     with pytest.raises(UserError, match=r"export.formats=\[packed,gguf\]"):
         gguf_to_serve(str(tmp_path), "llamacpp")
+
+
+def test_prefix_reusing_scorer_gives_the_loglikelihoods_of_whole_rows(tiny, tmp_path):
+    """Zero-shot scoring through llama.cpp reuses the cache of a shared context and projects only the continuation's
+    positions; the log-likelihoods equal those of every row decoded from an empty cache (tolerance: the same model's
+    logits differ across batch compositions in the last bits, ~1e-5 measured)."""
+    from archquant.engine.llamacpp import LlamaCppLM
+    from archquant.evaluation.loglik import loglikelihood
+
+    model, tok = tiny
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    requests = [("the cat sat on", " the mat"), ("the cat sat on", " a hat"), ("the cat sat on", " it"),
+                ("dogs bark", " loudly at night"), ("dogs bark", " softly"), ("x", " y z"), ("the cat sat", " on")]
+
+    class WholeRows(torch.nn.Module):  # the reference: every row from an empty cache, logits at every position
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.config = lm, lm.config
+
+        def forward(self, input_ids):
+            return self.lm(input_ids)
+
+    with LlamaCppRunner(path, n_ctx=128, kv_type="f32") as runner:
+        lm = LlamaCppLM(runner)
+        decoded = []
+        decode = runner._ctx.decode
+        runner._ctx.decode = lambda batch: (decoded.append(batch.batch.n_tokens), decode(batch))[1]
+        fast = loglikelihood(lm, tok, requests)
+        reused = sum(decoded)
+        decoded.clear()
+        ref = loglikelihood(WholeRows(lm), tok, requests, batch_size=1)
+        whole = sum(decoded)
+    for a, b in zip(fast, ref):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and a.greedy == b.greedy and a.num_tokens == b.num_tokens
+    assert reused < 0.7 * whole  # the shared contexts were not decoded again

@@ -62,14 +62,21 @@ class Backend:
             raise BackendError(f"backend {self.name!r} has no kernel for {abits}-bit activations (has {self.act_bits})")
         return ref.fake_quant_act(x, abits)
 
-    def weight_bytes(self, num_weights: int, bits: int, group_size: int) -> float:
-        """Bytes that ``num_weights`` weights take in this engine at ``bits`` (scales/zeros included).
+    def weight_bytes(self, num_weights: int, bits: int, group_size: int, row: int | None = None) -> float:
+        """Bytes that ``num_weights`` weights take in this engine at ``bits`` (scales/zeros included); ``row``: the
+        tensor's input length, for a format whose choice of type depends on it (``weight_format``).
 
         Reference format: packed integers + one fp16 scale and one uint8 zero per group.
         """
         if bits >= 16:
             return num_weights * 2.0
         return num_weights * bits / 8.0 + num_weights / group_size * 3.0
+
+    def weight_format(self, bits: int, row: int | None = None):
+        """What a ``bits`` choice stores for a tensor of input length ``row`` (here: the bits themselves). A format
+        whose type depends on the row length (llama.cpp's K-quants) returns the stored type, so that a caller can
+        tell whether a slice of a quantised weight is stored like the whole."""
+        return int(bits)
 
     def permutation_block(self, space) -> int:
         """Units the supernet's importance sort must keep together along an input dimension (1: any order; a

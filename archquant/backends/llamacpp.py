@@ -5,9 +5,17 @@ sets them from the config, one type per bit-width out of llama.cpp's CPU palette
 The quantiser is llama.cpp's (``archquant.quant.gguf``): blocks of 32 inputs (256 for the K-quants
 and IQ4_XS), whatever the space's group size, and the activation format follows the weight type, as
 in ggml's CPU matmul (Q8_0 / Q8_1 / Q8_K for quantised weights, fp16 for F16 weights); the layer's
-``abits`` decision is therefore not the engine's to take and ``restrict_space`` removes it. A type
-whose block does not divide a reachable row length is refused by ``restrict_space``, naming the
-tensor: llama.cpp would silently store such a tensor in another type (its ``tensor_type_fallback``).
+``abits`` decision is therefore not the engine's to take and ``restrict_space`` removes it.
+
+A block-256 type is a **joint** decision with the widths: a tensor stores it only where its row length (set by
+the hidden / heads / MLP gates) is a multiple of 256, and otherwise its fallback (``FALLBACK``, llama.cpp's own
+``tensor_type_fallback``: Q4_K -> Q5_0, ...), so the choice "Q4_K" of a q_proj is Q5_0 at hidden 576 and Q4_K
+at hidden 512. ``gguf_type(bits, row)`` is that rule, and everything that quantises, prices or writes a tensor
+asks it with the tensor's row length: the supernet's forward at each width, the latency tables (one entry per
+(row, bits), so the expected latency contracts the joint probability of width and type), materialised layers
+and the GGUF writer, which writes the fallback's blocks itself (nothing is left for llama.cpp to change).
+With ``fallback=False`` (``latency.fallback=false``) a block-256 type is refused wherever a reachable row is
+not a multiple of 256, naming the tensor.
 
 Q4_0 is the default 4-bit type: llama.cpp repacks it for AVX2 and decodes it fastest, and unlike
 Q4_1 it does not coincide with the grid the embedded default's weights already lie on (README, The embedded default model),
@@ -23,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from archquant.backends.base import Backend, BackendError, cut
-from archquant.core.space import resolve_space, snap_width
+from archquant.core.space import is_type_name, named_types, resolve_space, snap_width
 from archquant.quant import gguf as quant
 
 DEFAULT_TYPES: dict[int, str] = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
@@ -32,6 +40,45 @@ ALLOWED_TYPES: dict[int, tuple[str, ...]] = {
     16: ("F16", "F32"), 8: ("Q8_0",), 6: ("Q6_K",), 5: ("Q5_0", "Q5_1", "Q5_K"),
     4: ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"), 3: ("Q3_K",),
 }
+
+
+# llama.cpp's tensor_type_fallback in the pinned build, read off its own presets of the embedded default (rows of
+# 576: Q4_K_M stores Q5_0, Q5_K_M Q5_1, Q6_K Q8_0, Q3_K_M Q4_0)
+FALLBACK: dict[str, str] = {"Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
+
+
+def stored_type(qtype: str, row: int | None, fallback: bool = True) -> str:
+    """The type a tensor of input length ``row`` stores for the choice ``qtype`` (None: any row): ``qtype`` where
+    its block divides the row, else its ``FALLBACK``.
+
+    Raises:
+        BackendError: the row fits neither (or ``fallback`` is off), naming the row and the choices that fit.
+    """
+    if row is None or int(row) % quant.block_size(qtype) == 0:
+        return qtype
+    alt = FALLBACK.get(qtype) if fallback else None
+    if alt is None or int(row) % quant.block_size(alt):
+        fits = [t for ts in ALLOWED_TYPES.values() for t in ts if int(row) % quant.block_size(t) == 0]
+        how = "" if fallback else f" (latency.fallback=true stores {FALLBACK.get(qtype)} there, as llama.cpp does)"
+        raise BackendError(f"{qtype} needs rows that are multiples of {quant.block_size(qtype)}, not {row}{how}; "
+                           f"rows of {row} can be {fits}")
+    return alt
+
+
+def linear_rows(space) -> dict[str, set[int]]:
+    """Every input length (row) the space can give each kind of linear."""
+    hd = space.head_dim[0] if space.head_dim else space.fingerprint["head_dim"]
+    return {"q/k/v/gate/up": set(space.hidden), "o": {kv * q * hd for kv in space.kv_groups for q in space.q_per_group},
+            "down": set(space.mlp)}
+
+
+def space_types(space, backend) -> tuple[list[str], list[str]]:
+    """The GGUF types a space's block linears and its lm_head can store under ``backend`` (each choice's type and,
+    at rows its block does not divide, its fallback), sorted."""
+    rows = set().union(*linear_rows(space).values())
+    lin = {backend.gguf_type(b, k) for b in space.wbits for k in rows}
+    lm = {backend.gguf_type(b, k) for b in space.lm_head_bits for k in space.hidden}
+    return sorted(lin), sorted(lm)
 
 
 def _slot_range(qtype: str) -> tuple[int, int]:
@@ -124,15 +171,18 @@ class LlamaCppBackend(Backend):
     block_size: ClassVar[int] = quant.BLOCK
     runtime_packages: ClassVar[tuple[str, ...]] = ("llama_cpp_python",)  # tables depend on this version
 
-    def __init__(self, types: dict[int, str] | None = None, importance: bool = True) -> None:
+    def __init__(self, types: dict[int, str] | None = None, importance: bool = True, fallback: bool = True) -> None:
         self.types = resolve_types(types)
         self.weight_bits = tuple(sorted(self.types, reverse=True))
         self.uses_importance = bool(importance)
+        self.fallback = bool(fallback)
 
     def options(self) -> dict:
         out: dict = {"types": {str(b): t for b, t in sorted(self.types.items(), reverse=True)}}
         if not self.uses_importance:
             out["importance"] = False
+        if not self.fallback:
+            out["fallback"] = False
         return out
 
     def permutation_block(self, space) -> int:
@@ -144,13 +194,7 @@ class LlamaCppBackend(Backend):
     def row_types_problem(self, space) -> str | None:
         """Why a space's reachable row lengths cannot hold its types (None when they can): a K-quant needs
         every row of the tensors it may store to be a multiple of 256."""
-        fp = space.fingerprint
-        hd = space.head_dim[0] if space.head_dim else fp["head_dim"]
-        rows = {  # linear -> every input length (row) the space can give it
-            "q/k/v/gate/up": set(space.hidden),
-            "o": {kv * q * hd for kv in space.kv_groups for q in space.q_per_group},
-            "down": set(space.mlp),
-        }
+        rows = linear_rows(space)
         wbits, lm_bits = {int(b) for b in space.wbits}, {int(b) for b in space.lm_head_bits}
         for bits in sorted(wbits | lm_bits):
             qtype = self.gguf_type(bits)
@@ -162,20 +206,28 @@ class LlamaCppBackend(Backend):
                 checks["lm_head"] = set(space.hidden)
             for lin, lengths in checks.items():
                 bad = sorted(k for k in lengths if k % bs)
-                if bad:
+                fits = bad and self.fallback and FALLBACK.get(qtype) and all(k % quant.block_size(FALLBACK[qtype]) == 0
+                                                                            for k in bad)
+                if bad and not fits:
                     ok = [t for t in quant.QUANT_TYPES if all(k % quant.block_size(t) == 0 for k in lengths)]
-                    return (f"{qtype} ({bits}-bit) needs rows that are multiples of {bs}, but {lin} rows can be {bad} "
-                            f"(llama.cpp would store them in another type); for {bits}-bit weights choose one of "
+                    how = (f"latency.fallback=true stores {FALLBACK[qtype]} there, as llama.cpp does; or "
+                           if not self.fallback and qtype in FALLBACK else "")
+                    return (f"{qtype} ({bits}-bit) needs rows that are multiples of {bs}, but {lin} rows can be {bad}; "
+                            f"{how}for {bits}-bit weights choose one of "
                             f"{[t for t in ALLOWED_TYPES.get(bits, ()) if t in ok]} (latency.types), or drop "
                             f"{bits} from space.wbits / space.lm_head_bits")
         return None
 
-    def gguf_type(self, bits: int) -> str:
-        """The GGUF tensor type that stores ``bits``-bit weights."""
+    def gguf_type(self, bits: int, row: int | None = None) -> str:
+        """The GGUF tensor type that stores ``bits``-bit weights: the choice's type, or its fallback for a tensor
+        of input length ``row`` that the type's block does not divide (None: the choice's type)."""
         bits = int(bits)
         if bits not in self.types:
             raise BackendError(f"backend 'llamacpp' has no GGUF type for {bits}-bit weights (has {sorted(self.types)})")
-        return self.types[bits]
+        return stored_type(self.types[bits], row, self.fallback)
+
+    def weight_format(self, bits: int, row: int | None = None) -> str:
+        return self.gguf_type(bits, row)
 
     # ---- quantiser semantics -----------------------------------------------------------------
     def fake_quant_weight(self, w: torch.Tensor, bits: int, group_size: int,
@@ -185,16 +237,16 @@ class LlamaCppBackend(Backend):
 
         Shape: ``[N, K]`` -> ``[N, K]``; straight-through gradient.
         """
-        return quant.fake_quant_weight(w, self.gguf_type(bits), importance if self.uses_importance else None)
+        return quant.fake_quant_weight(w, self.gguf_type(bits, w.shape[-1]), importance if self.uses_importance else None)
 
     def fake_quant_slice(self, w: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None,
                          rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
         """The importance-weighted blocks of ``w[rows][:, cols]`` cut from those of the whole ``w`` (blocks are
         local: bit for bit what quantising the cut would give, tested), and remembered for the cut's content,
         so that its materialised layer and its GGUF export find them instead of searching again."""
-        qtype = self.gguf_type(bits)
         k = w.shape[1]
-        if (importance is None or not self.uses_importance or qtype not in quant.QUANT_TYPES
+        qtype = self.gguf_type(bits, k if cols is None else cols.numel())
+        if (importance is None or not self.uses_importance or qtype not in quant.QUANT_TYPES or k % quant.block_size(qtype)
                 or (cols is not None and quant.memo.whole_blocks(cols, quant.block_size(qtype), k) is None)):
             return super().fake_quant_slice(w, bits, group_size, importance, rows, cols)
         with torch.no_grad():
@@ -207,13 +259,36 @@ class LlamaCppBackend(Backend):
 
         Shape: ``[..., K]`` -> ``[..., K]``; straight-through gradient.
         """
-        return quant.fake_quant_act(x, self.gguf_type(wbits))
+        return quant.fake_quant_act(x, self.gguf_type(wbits, x.shape[-1]))
 
-    def weight_bytes(self, num_weights: int, bits: int, group_size: int) -> float:
-        """GGUF bytes of the bit-width's type (e.g. Q8_0 34 B / 32 weights, Q4_0 18 B / 32, Q6_K 210 B / 256)."""
-        return quant.type_nbytes(num_weights, self.gguf_type(bits))
+    def weight_bytes(self, num_weights: int, bits: int, group_size: int, row: int | None = None) -> float:
+        """GGUF bytes of the type a tensor of input length ``row`` stores at ``bits`` (e.g. Q8_0 34 B / 32 weights,
+        Q4_0 18 B / 32, Q6_K 210 B / 256)."""
+        return quant.type_nbytes(num_weights, self.gguf_type(bits, row))
 
     # ---- space rules -------------------------------------------------------------------------
+    def name_slots(self, space_config):
+        """``space.wbits`` / ``space.lm_head_bits`` with GGUF type names replaced by the slots this backend gives
+        them (``[F16,Q8_0,Q4_0]`` -> ``[16,8,4]``).
+
+        Raises:
+            BackendError: a named type that is not one of this backend's ``types``.
+        """
+        names = named_types(space_config)
+        if not names:
+            return space_config
+        slot = {t: b for b, t in self.types.items()}
+        missing = [n for n in names if n not in slot]
+        if missing:
+            raise BackendError(f"space.wbits names {missing}, which this llama.cpp backend does not store (its types: "
+                               f"{ {b: t for b, t in sorted(self.types.items(), reverse=True)} }); add them to "
+                               "latency.types, or name every type in space.wbits and let the config derive latency.types")
+        def slots(vals):
+            return [slot[v] if is_type_name(v) else int(v) for v in vals]
+
+        return dataclasses.replace(space_config, wbits=slots(space_config.wbits),
+                                   lm_head_bits=slots(space_config.lm_head_bits))
+
     def restrict_space(self, space_config, model_config):
         """Remove what a GGUF cannot hold or llama.cpp decides itself.
 
@@ -226,6 +301,7 @@ class LlamaCppBackend(Backend):
         Raises:
             BackendError: nothing of a dimension survives (the message names the key to change).
         """
+        space_config = self.name_slots(space_config)
         wbits = [b for b in space_config.wbits if int(b) in self.types]
         lm_bits = [b for b in space_config.lm_head_bits if int(b) in self.types]
         for key, kept, orig in (("space.wbits", wbits, space_config.wbits),
@@ -282,5 +358,5 @@ class LlamaCppBackend(Backend):
         return out
 
     def __repr__(self) -> str:
-        return f"LlamaCppBackend(types={self.types}, importance={self.uses_importance})"
+        return f"LlamaCppBackend(types={self.types}, importance={self.uses_importance}, fallback={self.fallback})"
 

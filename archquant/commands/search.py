@@ -174,6 +174,7 @@ def _refine(session: Session, cfg, val, start, start_kd: float):
 
 def write_search_record(out: Path, cfg, session: Session, rng, result: SearchResult) -> None:
     """``arch.json`` (the decisions) and ``search.json`` (config, space, history, open gates, step times)."""
+    result.arch.weight_types = dict((session.backend.options() or {}).get("types") or {})
     result.arch.save(out / "arch.json")
     steps = [h["step_s"] for h in result.history]
     atomic_write_json(

@@ -39,7 +39,10 @@ class LayerArch:
 class Arch:
     """Every decision of a subnet: global hidden size, per-layer shapes and bits, lm_head bits.
 
-    ``fingerprint`` ties the record to its base model (see ``space.model_fingerprint``).
+    ``fingerprint`` ties the record to its base model (see ``space.model_fingerprint``); ``weight_types`` names
+    what each bit-width stored when the record was searched for llama.cpp (``{"8": "Q8_0", "4": "Q4_K", ...}``;
+    a block-256 type stores its fallback at rows it does not divide), empty for other engines. A record is
+    materialised only by a backend with the same types (``check_types``).
     """
 
     hidden: int
@@ -47,6 +50,7 @@ class Arch:
     lm_head_bits: int = 16
     group_size: int = 64
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    weight_types: dict[str, str] = field(default_factory=dict)
     version: int = ARCH_VERSION
 
     # ---- construction ------------------------------------------------------------------------
@@ -131,6 +135,21 @@ class Arch:
         if diff:
             pretty = ", ".join(f"{k}: arch has {a}, model has {b}" for k, (a, b) in diff.items())
             raise ArchError(f"this arch record was made for another model ({pretty})")
+
+    def check_types(self, backend) -> None:
+        """Refuse a backend whose weight types differ from those the record was searched with (which would
+        materialise, time and export other tensors than the search chose), naming the override that fixes it."""
+        theirs = {int(b): t for b, t in (getattr(backend, "options", dict)().get("types") or {}).items()}
+        ours = {int(b): t for b, t in self.weight_types.items()}
+        if not ours or not theirs:
+            return
+        used = {b for la in self.layers for b in la.wbits.values()} | {self.lm_head_bits}
+        diff = {b: (ours.get(b), theirs.get(b)) for b in sorted(used, reverse=True) if ours.get(b) != theirs.get(b)}
+        if diff:
+            names = [ours[b] for b in sorted(ours, reverse=True) if b < 16]
+            pretty = ", ".join(f"{b}-bit: record {a}, backend {t}" for b, (a, t) in diff.items())
+            raise ArchError(f"this arch record was searched with other GGUF types ({pretty}); set "
+                            f"latency.types=[{','.join(names)}] to use it")
 
     def check(self, space: Space) -> None:
         """Check the record against a space (model, layer count and that every value is a choice)."""

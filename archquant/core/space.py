@@ -37,9 +37,11 @@ class SpaceConfig:
         head_dim: fractions of the head size per layer (opt-in; RoPE pairs kept together).
         mlp: fractions of the MLP intermediate size per layer.
         depth: whether blocks may be skipped.
-        wbits: weight bit-widths per linear (16 = unquantised).
+        wbits: weight bit-widths per linear (16 = unquantised); with ``latency.backend=llamacpp`` the GGUF types
+            themselves may be named instead (``[F16,Q8_0,Q4_1,Q4_0]``): they become ``latency.types`` and each
+            name the bit-width slot its type fills (``[16,8,5,4]``; ``backends.llamacpp.types_from_names``).
         abits: activation bit-widths per layer (16 = unquantised).
-        lm_head_bits: weight bit-widths of the output projection.
+        lm_head_bits: weight bit-widths of the output projection (or GGUF type names, as ``wbits``).
         group_size: weight-quantisation group size; must divide every reachable input width.
         width_multiple: widths (hidden, MLP) snap to multiples of this.
         bits_granularity: ``linear`` (one gate per linear), ``fused`` (q/k/v and gate/up tied) or ``layer``.
@@ -51,9 +53,9 @@ class SpaceConfig:
     head_dim: list[float] = field(default_factory=lambda: [1.0])
     mlp: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     depth: bool = True
-    wbits: list[int] = field(default_factory=lambda: [16, 8, 4])
+    wbits: list[Any] = field(default_factory=lambda: [16, 8, 4])
     abits: list[int] = field(default_factory=lambda: [16, 8])
-    lm_head_bits: list[int] = field(default_factory=lambda: [16, 8, 4])
+    lm_head_bits: list[Any] = field(default_factory=lambda: [16, 8, 4])
     group_size: int = 64
     width_multiple: int = 64
     bits_granularity: str = "fused"
@@ -63,8 +65,12 @@ class SpaceConfig:
             vals = list(getattr(self, key))
             if not vals or any(not (0.0 < float(v) <= 1.0) for v in vals):
                 raise SpaceError(f"space.{key} must be a non-empty list of fractions in (0, 1], got {vals}")
+        for key in ("wbits", "lm_head_bits"):  # GGUF type names stay names until a backend gives them slots
+            setattr(self, key, [v.upper() if is_type_name(v) else v for v in getattr(self, key)])
         for key in ("wbits", "abits", "lm_head_bits"):
-            vals = list(getattr(self, key))
+            vals = [v for v in getattr(self, key) if not (key != "abits" and is_type_name(v))]
+            if key != "abits" and not vals and getattr(self, key):
+                continue
             # 6 and 5 exist as GGUF types (Q6_K, Q5_0/Q5_1/Q5_K); each backend refuses the bits it cannot run
             if not vals or any(int(b) not in (2, 3, 4, 5, 6, 8, 16) for b in vals):
                 raise SpaceError(f"space.{key} must be a non-empty list drawn from {{16, 8, 6, 5, 4, 3, 2}}, got {vals}")
@@ -76,6 +82,16 @@ class SpaceConfig:
             )
         if self.bits_granularity not in BIT_GROUPS:
             raise SpaceError(f"space.bits_granularity must be one of {sorted(BIT_GROUPS)}, got {self.bits_granularity!r}")
+
+
+def is_type_name(value) -> bool:
+    """Whether a ``space.wbits`` entry names a weight type (``Q4_0``, ``F16``) rather than a bit-width."""
+    return isinstance(value, str) and not value.strip().isdigit()
+
+
+def named_types(config: SpaceConfig) -> list[str]:
+    """The type names of ``space.wbits`` and ``space.lm_head_bits``, in order, each once."""
+    return list(dict.fromkeys(v for key in ("wbits", "lm_head_bits") for v in getattr(config, key) if is_type_name(v)))
 
 
 def snap_width(value: float, multiple: int, maximum: int) -> int:
@@ -183,6 +199,9 @@ def resolve_space(config: SpaceConfig, model_config) -> Space:
     Raises:
         SpaceError: unsupported model family, or a group size that does not divide a reachable width.
     """
+    if named_types(config):
+        raise SpaceError(f"space.wbits / space.lm_head_bits name weight types {named_types(config)}; only "
+                         "latency.backend=llamacpp turns type names into bit-widths (else write bit-widths, e.g. [16,8,4])")
     fp = model_fingerprint(model_config)
     if fp["model_type"] not in SUPPORTED_MODEL_TYPES:
         raise SpaceError(

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from archquant.backends.llamacpp import resolve_types
+from archquant.backends.llamacpp import FALLBACK, resolve_types, stored_type
 from archquant.core.linears import LINEARS, MODULE_PATHS, NORM_PATHS, gguf_name
 from archquant.engine.gguf_reader import read_header
 from archquant.quant import gguf as quant
@@ -211,6 +211,15 @@ def _warn_other_backend(qrec: dict[str, Any] | None, plans: list[LayerPlan], emb
         )
 
 
+def _stored(qtype: str, row: int, fallback: bool) -> str:
+    """``stored_type`` where the row fits the type or its fallback; else the type itself (the caller names the
+    tensor and decision in its error)."""
+    try:
+        return stored_type(qtype, row, fallback)
+    except UserError:
+        return qtype
+
+
 def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = None) -> ExportPlan:
     """Read and validate the GGUF a model would become (nothing is written).
 
@@ -229,6 +238,8 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
     if types is None and (qrec or {}).get("backend") == "llamacpp":
         types = (qrec.get("backend_options") or {}).get("types")  # the types the model was materialised with
     types = resolve_types(types)
+    # a block-256 type stores its fallback at rows it does not divide, as in the supernet that searched it
+    fallback = bool(((qrec or {}).get("backend_options") or {}).get("fallback", True))
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
         raise GGUFExportError(
@@ -298,12 +309,14 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
             if b not in types:
                 raise fail(i, f"{lin} has {b}-bit weights; GGUF types exist for {sorted(types)} bits "
                               f"(decision layers.{sources[i]}.wbits)")
-            qtype = types[b]
             k = w[lin].shape[1]
+            qtype = _stored(types[b], k, fallback)
             if qtype in quant.QUANT_TYPES and k % quant.block_size(qtype):
+                how = (f"; latency.fallback=true stores {FALLBACK[qtype]} there, as llama.cpp does"
+                       if not fallback and qtype in FALLBACK else
+                       "; search with backend=llamacpp, whose space only has multiples of 32")
                 raise fail(i, f"{lin} row length {k} is not a multiple of {qtype}'s block of {quant.block_size(qtype)} "
-                              f"(decision {ROW_DECISION[lin]} of layer {sources[i]}); search with backend=llamacpp, "
-                              "whose space only has multiples of 32")
+                              f"(decision {ROW_DECISION[lin]} of layer {sources[i]}){how}")
             ltypes[lin] = qtype
         plans.append(LayerPlan(i, sources[i], n_head, n_kv, n_ff, ltypes, _rope_pairs(cfg, i, head_dim, sources)))
 
@@ -315,8 +328,8 @@ def plan_gguf(model, *, types: dict[int, str] | None = None, arch: str | None = 
     lm_bits = int((qrec or {}).get("lm_head_bits", 16))
     if lm_bits not in types:
         raise GGUFExportError(f"lm_head has {lm_bits}-bit weights; GGUF types exist for {sorted(types)} (decision lm_head.wbits)")
-    embd_type = types[16]
-    out_type = types[lm_bits]
+    embd_type = _stored(types[16], hidden, fallback)
+    out_type = _stored(types[lm_bits], hidden, fallback)
     if out_type in quant.QUANT_TYPES and hidden % quant.block_size(out_type):
         raise GGUFExportError(f"lm_head row length {hidden} is not a multiple of {quant.block_size(out_type)} (decision hidden)")
     tied = lm_head.weight.data_ptr() == embd.data_ptr() and out_type == embd_type

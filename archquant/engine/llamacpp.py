@@ -165,6 +165,7 @@ class LlamaCppRunner:
     def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> None:
         self._batch.set_batch(batch=ids, n_past=n_past, logits_all=all_logits)
         self._ctx.decode(self._batch)
+        self._cached = []  # the cache's content is no longer a known prefix for ``logits_from``
 
     def _logits_rows(self, n: int) -> np.ndarray:
         return np.ctypeslib.as_array(self._ctx.get_logits(), shape=(n, self.n_vocab)).copy()
@@ -172,6 +173,42 @@ class LlamaCppRunner:
     def reset(self) -> None:
         """Empty the KV cache."""
         self._ctx.kv_cache_clear()
+        self._cached = []
+
+    def logits_from(self, ids: Sequence[int] | torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Logits of positions ``first ..`` of one sequence, reusing the KV cache of the previous ``logits_from``
+        call for the prefix both share (the choices of a multiple-choice question share their context).
+
+        Only the requested positions get logits (llama.cpp then skips the vocabulary projection of the others).
+        Positions before ``first`` that the cache already holds are not decoded again; the rest are.
+
+        Shape: ``ids [S]`` -> ``[S - first, vocab]`` float32.
+        """
+        ids = self._check_ids(ids)
+        if not 0 <= first < len(ids):
+            raise ValueError(f"first={first} must index one of the {len(ids)} positions")
+        cached = getattr(self, "_cached", [])
+        keep = 0
+        for a, b in zip(cached, ids[:first]):  # positions >= first need logits, so they are decoded again
+            if a != b:
+                break
+            keep += 1
+        self._ctx.kv_cache_seq_rm(-1, keep, -1)
+        rows, done = [], ids[:keep]
+        for start in range(keep, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            batch = self._batch.batch
+            batch.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.seq_id[i][0], batch.n_seq_id[i] = tok, start + i, 0, 1
+                batch.logits[i] = start + i >= first
+            self._ctx.decode(self._batch)
+            n_out = sum(1 for i in range(len(chunk)) if start + i >= first)
+            if n_out:
+                rows.append(self._logits_rows(n_out))
+            done = done + chunk
+        self._cached = done
+        return torch.from_numpy(np.concatenate(rows, axis=0))
 
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits of every position of one sequence, from an empty cache.
@@ -310,11 +347,17 @@ class LlamaCppLM(torch.nn.Module):
     """A GGUF seen as a causal-LM module for ``archquant.evaluation`` (perplexity, zero-shot scoring).
 
     ``forward(input_ids)`` returns llama.cpp's logits for every position of every row (each row from
-    an empty cache; right padding therefore never affects the real positions).
+    an empty cache; right padding therefore never affects the real positions). With ``logits_to_keep``
+    (zero-shot scoring: only the continuation's positions are needed) each row reuses the cache of the prefix
+    it shares with the previous row and only the kept positions are projected to the vocabulary;
+    ``reuses_prefix`` tells ``loglikelihood`` to send rows one at a time in token order, so that the choices
+    of one question follow each other.
 
     Args:
         runner: an open ``LlamaCppRunner`` (its ``n_ctx`` is the longest row accepted).
     """
+
+    reuses_prefix = True
 
     def __init__(self, runner: LlamaCppRunner) -> None:
         super().__init__()
@@ -322,9 +365,13 @@ class LlamaCppLM(torch.nn.Module):
         # read by archquant.evaluation.loglik.model_max_length
         self.config = type("GGUFConfig", (), {"max_position_embeddings": runner.n_ctx})()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Shape: ``input_ids [B, S]`` -> logits ``[B, S, vocab]`` float32."""
-        return torch.stack([self.runner.logits(row) for row in input_ids.cpu()])
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int | None = None) -> torch.Tensor:
+        """Shape: ``input_ids [B, S]`` -> logits ``[B, S, vocab]`` (``[B, logits_to_keep, vocab]``) float32."""
+        rows = input_ids.cpu()
+        if logits_to_keep is None:
+            return torch.stack([self.runner.logits(row) for row in rows])
+        first = max(0, rows.shape[1] - int(logits_to_keep))
+        return torch.stack([self.runner.logits_from(row, first) for row in rows])
 
 
 def open_gguf_lm(path: str | Path, *, seq_len: int = 512, n_threads: int = 2, verify: bool = True) -> LlamaCppLM:

@@ -87,6 +87,8 @@ def forward_logits(model, input_ids: torch.Tensor, last: int | None = None) -> t
         if last is not None and _accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = last
         out = model(input_ids=input_ids, **kwargs)
+    elif last is not None and _accepts_logits_to_keep(model):
+        out = model(input_ids, logits_to_keep=last)
     else:
         out = model(input_ids)
     logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
@@ -197,8 +199,13 @@ def loglikelihood(
         full = (ctx + cont)[-(max_length + 1) :]
         fulls.append(full)
         keyed.setdefault(tuple(full[:-1]), []).append(i)
-    # longest first: the first batch fails fast on memory, and similar lengths share padding
-    inputs = sorted(keyed, key=lambda k: (-len(k), k))
+    # longest first: the first batch fails fast on memory, and similar lengths share padding; a model that reuses
+    # the previous row's cache (``reuses_prefix``: a GGUF in llama.cpp) gets rows one at a time in token order,
+    # so the choices of one question, which share its context, follow each other
+    if getattr(model, "reuses_prefix", False):
+        inputs, batch_size = sorted(keyed), 1
+    else:
+        inputs = sorted(keyed, key=lambda k: (-len(k), k))
     device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[LoglikResult | None] = [None] * len(requests)

@@ -29,6 +29,10 @@ class LatencyConfig:
             5-bit, Q4_0 / Q4_1 / Q4_K / IQ4_NL / IQ4_XS 4-bit, Q3_K 3-bit), e.g. ``[Q6_K,Q5_0,Q4_1]`` with
             ``space.wbits=[16,8,6,5,4]``; bit-widths not named keep ``F16 / Q8_0 / Q4_0``. The tables, the
             supernet, materialised subnets and exports all use these types.
+        fallback: ``latency.backend=llamacpp``: a block-256 type (Q6_K, Q5_K, Q4_K, Q3_K, IQ4_XS) stores llama.cpp's
+            fallback type (Q8_0, Q5_1, Q5_0, Q4_0, IQ4_NL) in the tensors whose row length the subnet makes a
+            non-multiple of 256, so the choice is joint with the widths (``backends.llamacpp``); false: such a type
+            is refused wherever a reachable row is not a multiple of 256.
         importance: ``latency.backend=llamacpp``: write every quantised block with the importance-weighted
             search (per-channel mean ``x^2`` of the calibration inputs, llama.cpp's imatrix idea) instead of
             round-to-nearest; the supernet simulates those very blocks.
@@ -46,6 +50,7 @@ class LatencyConfig:
     e2e_repeats: int = 5
     out: str | None = None
     types: list[str] = field(default_factory=list)
+    fallback: bool = True
     importance: bool = True
 
     def backend_options(self) -> dict | None:
@@ -57,6 +62,8 @@ class LatencyConfig:
             out["types"] = types_from_names(self.types)
         if not self.importance and self.backend == "llamacpp":
             out["importance"] = False
+        if not self.fallback and self.backend == "llamacpp":
+            out["fallback"] = False
         return out or None
 
     def __post_init__(self) -> None:

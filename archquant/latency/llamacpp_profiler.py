@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from archquant.backends.llamacpp import space_types
 from archquant.engine.gguf_writer import ExportPlan, KeyValue, LayerPlan, TensorSpec, linear_shapes, write_gguf
 from archquant.engine.llamacpp import LlamaCppRunner, llama_cpp_version, require_llama_cpp
 from archquant.quant import gguf as quant
@@ -79,9 +80,15 @@ class SubnetShape:
     embd_type: str
 
     @classmethod
-    def from_arch(cls, arch, space, types: dict[int, str]) -> SubnetShape:
+    def from_arch(cls, arch, space, type_of: Callable[[int, int], str]) -> SubnetShape:
+        """``type_of(bits, row)``: the GGUF type a tensor of input length ``row`` stores (``LlamaCppBackend.gguf_type``)."""
         fp = space.fingerprint
         kept = [arch.layers[l] for l in arch.kept_layers]
+
+        def types(la) -> dict[str, str]:
+            shapes = linear_shapes(arch.hidden, la.head_dim, la.num_heads, la.kv_groups, la.mlp)
+            return {lin: type_of(b, shapes[lin][1]) for lin, b in la.wbits.items()}
+
         return cls(
             hidden=arch.hidden,
             head_dim=kept[0].head_dim,
@@ -89,9 +96,9 @@ class SubnetShape:
             heads=[la.num_heads for la in kept],
             kv_heads=[la.kv_groups for la in kept],
             mlp=[la.mlp for la in kept],
-            types=[{lin: types[b] for lin, b in la.wbits.items()} for la in kept],
-            lm_type=types[arch.lm_head_bits],
-            embd_type=types[16],
+            types=[types(la) for la in kept],
+            lm_type=type_of(arch.lm_head_bits, arch.hidden),
+            embd_type=type_of(16, arch.hidden),
         )
 
     @property
@@ -221,8 +228,9 @@ class CostModel:
         coef, _ = nnls(A_aug, b_aug, maxiter=50 * A_s.shape[1])
         return coef / scale
 
-    def table_ops(self, coef: np.ndarray, space, types: dict[int, str]) -> dict[str, list[dict[str, Any]]]:
-        """Every op signature the space can produce, priced by the fitted parameters."""
+    def table_ops(self, coef: np.ndarray, space, type_of: Callable[[int, int], str]) -> dict[str, list[dict[str, Any]]]:
+        """Every op signature the space can produce, priced by the fitted parameters (``type_of(bits, K)``: the type
+        a linear of input length K stores, so a block-256 choice is priced as its fallback where K needs one)."""
         from archquant.latency.signatures import enumerate_signatures
 
         p = {n: float(coef[i]) for i, n in enumerate(self.names)}
@@ -230,7 +238,7 @@ class CostModel:
         ops: dict[str, list[dict[str, Any]]] = {}
 
         def lin_ms(prefix, k, n, bits):
-            t = types[int(bits)]
+            t = type_of(int(bits), int(k))
             return p.get(f"{prefix}_{t}_a", 0.0) + p.get(f"{prefix}_{t}_kn", 0.0) * k * n / 1e6
 
         ops["linear"] = [{**s, "ms": round(lin_ms("lin", s["K"], s["N"], s["wbits"]), 7)} for s in sigs["linear"]]
@@ -312,9 +320,7 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
         budget_s = 480.0 * min(1.0, mrt / 0.1)
     cfg = model.config
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
-    types = backend.types
-    qtypes = [types[b] for b in space.wbits]
-    cm = CostModel(qtypes, [types[b] for b in space.lm_head_bits])
+    cm = CostModel(*space_types(space, backend))
     rng = random.Random(seed)
     load_start = machine_load()
     t0 = time.perf_counter()
@@ -328,7 +334,7 @@ def profile_table(model, space, scenario, latency_cfg=None, *, backend=None, bud
         # another chance at a quiet one (each pass is one more session for ``session_stat``).
         while (time.perf_counter() - t0 < budget_s / 2 or len(shapes) < min_models) and len(shapes) < max_models:
             arch = sample_archs(space, 1, rng)[0]
-            shape = SubnetShape.from_arch(arch, space, types)
+            shape = SubnetShape.from_arch(arch, space, backend.gguf_type)
             path = write_synthetic_gguf(shape, Path(tmp) / f"m{len(shapes)}.gguf", seed=len(shapes),
                                         rope_theta=float(rope), rms_eps=float(getattr(cfg, "rms_norm_eps", 1e-5)))
             samples.append(time_gguf(path, scenario, threads=threads)["samples"])
@@ -372,7 +378,7 @@ def fit_table(shapes: list[SubnetShape], samples: list[list[float]], *, space, s
     from archquant.utils.env import device_name, now, versions
 
     types = backend.types
-    cm = CostModel([types[b] for b in space.wbits], [types[b] for b in space.lm_head_bits])
+    cm = CostModel(*space_types(space, backend))
     n_per = per_session(scenario)
     rows = [cm.features(s) for s in shapes]
     ys = [session_stat(v, n_per) for v in samples]
@@ -418,7 +424,7 @@ def fit_table(shapes: list[SubnetShape], samples: list[list[float]], *, space, s
         "samples_per_subnet": round(float(np.mean([len(v) for v in samples])), 1),
         **(extra_header or {}),
     }
-    table = LatencyTable(header=header, ops=cm.table_ops(coef, space, types))
+    table = LatencyTable(header=header, ops=cm.table_ops(coef, space, backend.gguf_type))
     return LatencyTable.from_dict(table.to_dict())
 
 

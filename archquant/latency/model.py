@@ -81,8 +81,8 @@ class LatencyModel:
             values = dict(zip(term.roles, combo))
             ms[i] = self.table.lookup(term.kind, term.signature(values))
             if term.weights is not None:
-                n, bits = term.weights(values)
-                nbytes[i] = self.backend.weight_bytes(n, bits, g) if n else 0.0
+                n, bits, row = term.weights(values)
+                nbytes[i] = self.backend.weight_bytes(n, bits, g, row=row) if n else 0.0
         return ms.reshape(shape), nbytes.reshape(shape)
 
     def _luts(self, which: str, device, dtype) -> dict[str, torch.Tensor]:

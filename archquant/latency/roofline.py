@@ -76,13 +76,14 @@ def load_roofline(path: str | Path) -> RooflineParams | None:
     return RooflineParams(**d["params"]) if d.get("version") == ROOFLINE_VERSION else None
 
 
-def runtime_weight_bytes(backend: Backend, n: int, bits: int, group_size: int, p: RooflineParams) -> float:
+def runtime_weight_bytes(backend: Backend, n: int, bits: int, group_size: int, p: RooflineParams,
+                         row: int | None = None) -> float:
     """Bytes the engine reads for ``n`` weights: its own answer (``backend.runtime_weight_bytes``) where it
     gives one, else the stored format below 16 bits and the runtime dtype (``p.dense_bytes``) at 16."""
     own = getattr(backend, "runtime_weight_bytes", None)
     if own is not None:
         return float(own(n, bits, group_size))
-    return float(n * p.dense_bytes) if bits >= 16 else float(backend.weight_bytes(n, bits, group_size))
+    return float(n * p.dense_bytes) if bits >= 16 else float(backend.weight_bytes(n, bits, group_size, row=row))
 
 
 def roofline_ms(kind: str, sig: dict, sc: Scenario, p: RooflineParams, backend: Backend, group_size: int) -> float:
@@ -93,7 +94,7 @@ def roofline_ms(kind: str, sig: dict, sc: Scenario, p: RooflineParams, backend: 
     if kind in ("linear", "lm_head"):
         k, n, wb = sig["K"], sig["N"], sig["wbits"]
         rows = sc.lm_head_tokens if kind == "lm_head" else m
-        wbytes = runtime_weight_bytes(backend, k * n, wb, group_size, p)
+        wbytes = runtime_weight_bytes(backend, k * n, wb, group_size, p, row=k)
         nbytes, flops = wbytes + rows * (k + n) * act, 2.0 * rows * k * n
         ops = 2 if sig.get("abits", 16) < 16 else 1  # an activation quantiser is one more launch
         return max(nbytes / bw, flops / peak) * 1e3 + ops * p.op_overhead_ms

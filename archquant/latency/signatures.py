@@ -44,7 +44,8 @@ class OpTerm:
         roles: the gates its signature depends on, e.g. ``("hidden", "kv_groups", "wbits.qkv", "abits")``.
         scope: ``layer`` (once per kept block, times p_keep) or ``model`` (once per forward).
         signature: role values -> table signature (a dict with the kind's ``SIGNATURE_KEYS``).
-        weights: role values -> ``(num_weights, bits)`` it stores, or None for ops without weights.
+        weights: role values -> ``(num_weights, bits, row)`` it stores (``row``: the input length, which decides a
+            llama.cpp block-256 type's fallback), or None for ops without weights.
     """
 
     name: str
@@ -52,7 +53,7 @@ class OpTerm:
     roles: tuple[str, ...]
     scope: str
     signature: Callable[[dict[str, Any]], dict[str, Any]]
-    weights: Callable[[dict[str, Any]], tuple[int, int]] | None = None
+    weights: Callable[[dict[str, Any]], tuple[int, int, int]] | None = None
 
     def gate(self, role: str, layer: int | None) -> str:
         """The gate name that plays ``role`` for this op in block ``layer``."""
@@ -68,7 +69,7 @@ def _linear(name: str, wrole: str, k_of: Callable, n_of: Callable, roles: tuple[
         return {"K": int(k_of(v)), "N": int(n_of(v)), "wbits": int(v[wrole]), "abits": int(v["abits"])}
 
     def weights(v):
-        return int(k_of(v)) * int(n_of(v)), int(v[wrole])
+        return int(k_of(v)) * int(n_of(v)), int(v[wrole]), int(k_of(v))
 
     return OpTerm(name, "linear", roles + (wrole, "abits"), "layer", sig, weights)
 
@@ -93,13 +94,13 @@ def op_terms(space: Space) -> list[OpTerm]:
     m = lambda v: v["mlp"]  # noqa: E731
     attn_roles = ("hidden", "kv_groups", "q_per_group", "head_dim")
     norm = lambda name: OpTerm(  # noqa: E731
-        name, "norm", ("hidden",), "layer", lambda v: {"d": int(v["hidden"])}, lambda v: (int(v["hidden"]), 16)
+        name, "norm", ("hidden",), "layer", lambda v: {"d": int(v["hidden"])}, lambda v: (int(v["hidden"]), 16, int(v["hidden"]))
     )
 
     def lm_head_weights(v):
         # A tied 16-bit lm_head is the embedding matrix itself: no extra bytes.
         bits = int(v["lm_head.wbits"])
-        return (0 if tied and bits >= 16 else vocab * int(v["hidden"])), bits
+        return (0 if tied and bits >= 16 else vocab * int(v["hidden"])), bits, int(v["hidden"])
 
     return [
         norm("input_layernorm"),
@@ -126,9 +127,9 @@ def op_terms(space: Space) -> list[OpTerm]:
             ("hidden",),
             "model",
             lambda v: {"d": int(v["hidden"])},
-            lambda v: (vocab * int(v["hidden"]), 16),
+            lambda v: (vocab * int(v["hidden"]), 16, int(v["hidden"])),
         ),
-        OpTerm("norm", "norm", ("hidden",), "model", lambda v: {"d": int(v["hidden"])}, lambda v: (int(v["hidden"]), 16)),
+        OpTerm("norm", "norm", ("hidden",), "model", lambda v: {"d": int(v["hidden"])}, lambda v: (int(v["hidden"]), 16, int(v["hidden"]))),
         OpTerm(
             "lm_head",
             "lm_head",

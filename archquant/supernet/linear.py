@@ -102,6 +102,7 @@ class ElasticLinear(nn.Module):
         self.in_sel: Sel = None
         self._slice_version = 0
         self._cache = QuantCache()
+        self._cut_differs: dict[tuple, bool] = {}
 
     # ---- slicing -----------------------------------------------------------------------------
     def set_slice(self, out_sel: Sel = ..., in_sel: Sel = ...) -> None:
@@ -112,6 +113,7 @@ class ElasticLinear(nn.Module):
             self.in_sel = in_sel
         self._slice_version += 1
         self._cache.clear()
+        self._cut_differs.clear()
 
     def fix_bits(self, index: int) -> None:
         self.fixed_bits = int(index)
@@ -158,6 +160,19 @@ class ElasticLinear(nn.Module):
                 return w
         return self._cache.one(self.weight, self.active_weight, b, self.quantiser(), self._slice_version)
 
+    def cut_stores_otherwise(self, in_sub: Sel, bits) -> bool:
+        """Whether a prefix cut of the active input columns stores one of ``bits`` in another format than the
+        active weight does (a block-256 GGUF type on a row length it does not divide falls back to another
+        type), so that the cut must be quantised as itself rather than cut from the quantised active weight."""
+        if not isinstance(in_sub, int):
+            return False
+        key = (in_sub, tuple(bits))
+        if key not in self._cut_differs:
+            k_act = self.active_weight().shape[1]
+            self._cut_differs[key] = any(
+                b < 16 and self.backend.weight_format(b, in_sub) != self.backend.weight_format(b, k_act) for b in bits)
+        return self._cut_differs[key]
+
     def chosen(self, pi: torch.Tensor | int | None) -> int | None:
         """The single bits choice this call computes (fixed gate or one-hot ``int``), or ``None`` to mix."""
         if self.fixed_bits is not None:
@@ -178,7 +193,8 @@ class ElasticLinear(nn.Module):
             pi: probabilities over ``bits``, or the index of a one-hot choice (ignored when fixed).
             out_sub, in_sub: a further slice of the active weight for this call only (a width gate
                 that is one-hot in this call); the quantised active weight is sliced, which equals
-                quantising the slice because kept inputs are whole quantisation groups.
+                quantising the slice because kept inputs are whole quantisation groups, unless the cut's
+                row length stores another type (``cut_stores_otherwise``): then the cut is quantised itself.
 
         Returns:
             Shape: ``[..., N_run]``.
@@ -187,21 +203,28 @@ class ElasticLinear(nn.Module):
         bias = self.active_bias()
         if bias is not None:
             bias = _take(bias, out_sub, 0)
-        if k is not None:
-            if isinstance(in_sub, torch.Tensor) and self.bits[k] < 16:
-                # Gathered input columns need not be whole quantisation groups of the active weight:
-                # quantise the gathered slice itself, as the materialised layer does.
-                def fn():
-                    return _take(_take(self.active_weight(), out_sub, 0), in_sub, 1)
+        def cut():
+            return _take(_take(self.active_weight(), out_sub, 0), in_sub, 1)
 
-                w = self._cache.one(self.weight, fn, self.bits[k], self.quantiser(out_sub, in_sub), self._slice_version,
-                                    tag=(id(in_sub), id(out_sub) if isinstance(out_sub, torch.Tensor) else out_sub))
+        tag = (id(in_sub) if isinstance(in_sub, torch.Tensor) else in_sub,
+               id(out_sub) if isinstance(out_sub, torch.Tensor) else out_sub)
+        if k is not None:
+            b = self.bits[k]
+            if b < 16 and (isinstance(in_sub, torch.Tensor) or self.cut_stores_otherwise(in_sub, [b])):
+                # Gathered input columns need not be whole quantisation groups of the active weight, and a cut
+                # may store another type: quantise the cut itself, as the materialised layer does.
+                w = self._cache.one(self.weight, cut, b, self.quantiser(out_sub, in_sub), self._slice_version, tag=tag)
             else:
                 w = _take(_take(self.qweight(k), out_sub, 0), in_sub, 1)
             return F.linear(xs[self.classes[k]], w, bias)
-        choices = self._cache.all(
-            self.weight, self.active_weight, self.bits, self.quantiser(), self._slice_version
-        ).take(_take, out_sub, in_sub)
+        if self.cut_stores_otherwise(in_sub, self.bits):
+            quantise = self.quantiser(out_sub, in_sub)
+            choices = WeightChoices.build(cut(), self.bits, lambda w, b: self._cache.one(
+                self.weight, lambda: w, b, quantise, self._slice_version, tag=tag))
+        else:
+            choices = self._cache.all(
+                self.weight, self.active_weight, self.bits, self.quantiser(), self._slice_version
+            ).take(_take, out_sub, in_sub)
         y = None
         for c, (lo, hi) in self.class_ranges.items():
             term = self._mixed_term(xs[c], choices, pi, lo, hi)

@@ -140,11 +140,13 @@ def materialize(sn: Supernet, arch: Arch) -> ArchQuantForCausalLM:
         ``ArchQuantForCausalLM`` in eval mode, same dtype and device as the supernet.
 
     Raises:
-        ArchError: the arch belongs to another model / space, or skips every block.
+        ArchError: the arch belongs to another model / space or was searched with other GGUF types, or skips
+            every block.
     """
     from transformers.initialization import no_init_weights
 
     register_auto_classes()  # a saved subnet then loads back through AutoModelForCausalLM in this process
+    arch.check_types(sn.backend)
     cfg = subnet_config(sn, arch)
     state = subnet_state(sn, arch)
     ref = sn.embed_tokens.weight

@@ -9,6 +9,7 @@ permuted, so unsearched dimensions keep the original layout. RoPE pairs move wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,11 @@ def _desc(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _desc_blocks(scores: torch.Tensor, block: int) -> torch.Tensor:
-    """Sort whole blocks of ``block`` consecutive units by their summed score, keeping the order inside a block."""
-    if block <= 1 or scores.numel() % block:
+    """Sort whole blocks of ``block`` consecutive units by their summed score, keeping the order inside a block
+    (blocks of ``gcd(block, units)`` where ``block`` does not divide the units: 64 for 576 hidden channels under
+    256-blocks, which keeps every 32-block of a fallback type whole)."""
+    block = math.gcd(int(block), scores.numel())
+    if block <= 1:
         return _desc(scores)
     order = _desc(scores.float().reshape(-1, block).sum(1))
     return (order[:, None] * block + torch.arange(block)[None, :]).reshape(-1)

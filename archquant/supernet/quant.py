@@ -26,11 +26,13 @@ def act_classes(backend: Backend, abits: list[int], wbits: list[int]) -> list[in
         ``cls[i]``: the class id of ``wbits[i]`` (0, 1, ... in order of first appearance).
     """
     gen = torch.Generator().manual_seed(0)
-    probe = torch.randn(3, 256, generator=gen) * torch.linspace(0.1, 4.0, 256)
+    # rows of 256 and of 288: a block-256 weight type and its fallback (another type below 256-multiples) may
+    # quantise activations differently, so two choices share a class only where they agree at both
+    probes = [torch.randn(3, k, generator=gen) * torch.linspace(0.1, 4.0, k) for k in (256, 288)]
     signatures: list[list[torch.Tensor]] = []
     out = []
     for b in wbits:
-        sig = [backend.fake_quant_act(probe, a, b) for a in abits]
+        sig = [backend.fake_quant_act(probe, a, b) for a in abits for probe in probes]
         for cid, other in enumerate(signatures):
             if all(torch.equal(s, o) for s, o in zip(sig, other)):
                 out.append(cid)
