@@ -93,58 +93,30 @@ def _for_llamacpp(arch, space):
     return arch
 
 
-def _eval_key(path: Path, args) -> str:
-    """Cache key of one file's evaluation: its bytes, the evaluation settings and llama.cpp's version."""
-    import hashlib
-
-    from archquant.data.config import DataConfig
-    from archquant.data.files import resolve_data_path
-    from archquant.engine.llamacpp import llama_cpp_version
-    from archquant.utils.manifest import sha256_file
-
-    settings = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), args.ppl_seq_len,
-                args.ppl_windows, sorted(args.tasks or []), args.limit, llama_cpp_version()]
-    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
-
-
 def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
     """Size, perplexity and zero-shot accuracy of one GGUF in llama.cpp, and the tables' predictions.
 
-    Scores are cached in ``$ARCHQUANT_CACHE/bench_llamacpp`` under the file's sha256 and the evaluation
-    settings (the whole WikiText-2 test takes ~30 min per model here): a killed run resumes where it was,
-    and ``--eval-only`` runs can fill the cache ahead of a timing run. Per-window NLLs are kept with them
-    (``window_nll``, for paired bootstraps between points)."""
-    from archquant.data.config import DataConfig
-    from archquant.data.files import resolve_data_path
-    from archquant.engine.llamacpp import LlamaCppLM, LlamaCppRunner
-    from archquant.evaluation.perplexity import perplexity
-    from archquant.evaluation.zero_shot import zero_shot
-    from archquant.utils.paths import cache_dir
+    Scores are cached per WikiText-2 window and per task under the file's sha256 (``evaluation.gguf_scores``,
+    shared with ``exp_joint_vs_sequential.py``; the whole test takes ~15 min per model here): a killed run resumes
+    where it was, and ``--eval-only`` runs can fill the cache ahead of a timing run. Per-window NLLs are returned
+    with them (``window_nll``, for paired bootstraps between points)."""
+    from archquant.evaluation import gguf_scores
 
     out = {"file": str(path), "file_mb": round(path.stat().st_size / 1e6, 2)}
     for name in tables["scenarios"]:
         lm = tables["models"].get(name)
         if lm is not None and arch is not None:
             out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
-    cached = cache_dir() / "bench_llamacpp" / f"{_eval_key(path, args)}.json"
-    if cached.is_file():
-        print(f"  scores cached: {cached}")
-        return {**out, **json.loads(cached.read_text())}
     t0 = time.perf_counter()
-    scores: dict = {}
-    with LlamaCppRunner(path, n_ctx=args.ppl_seq_len, n_batch=args.ppl_seq_len, n_threads=args.eval_threads) as runner:
-        model = LlamaCppLM(runner)
-        ppl = perplexity(model, tok, resolve_data_path(DataConfig(), "ppl_file"), seq_len=args.ppl_seq_len,
-                         max_windows=args.ppl_windows, batch_size=1, progress=True, per_window=True)
-        scores["wikitext2_ppl"] = round(ppl["ppl"], 4)
-        scores["ppl_tokens"] = ppl["tokens"]
-        scores["window_nll"] = ppl["window_nll"]
-        if args.tasks:
-            zs = zero_shot(model, tok, tasks=args.tasks, limit=args.limit, batch_size=4, progress=False,
-                           max_length=args.ppl_seq_len)
-            scores["zero_shot"] = {t: {k: r[k] for k in ("acc", "acc_norm", "n", "stderr") if k in r} for t, r in zs.items()}
+    windows = None if args.ppl_windows is None else list(range(args.ppl_windows))
+    ppl = gguf_scores.perplexity(path, tok, windows, seq_len=args.ppl_seq_len, threads=args.eval_threads)
+    scores: dict = {"wikitext2_ppl": round(ppl["ppl"], 4), "ppl_tokens": ppl["tokens"], "window_nll": ppl["window_nll"]}
+    if args.tasks:
+        zs = gguf_scores.zero_shot(path, tok, [(t, args.limit) for t in args.tasks], seq_len=args.ppl_seq_len,
+                                   threads=args.eval_threads)
+        scores["zero_shot"] = {t: {k: r[k] for k in ("acc", "acc_norm", "n", "stderr") if r.get(k) is not None}
+                               for t, r in zs.items()}
     scores["eval_s"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(cached, scores)
     return {**out, **scores}
 
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -111,79 +109,27 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     return files
 
 
-def _cache(path: Path, seq_len: int) -> Path:
-    import hashlib
-
-    from archquant.data.config import DataConfig
-    from archquant.data.files import resolve_data_path
-    from archquant.engine.llamacpp import llama_cpp_version
-    from archquant.utils.manifest import sha256_file
-    from archquant.utils.paths import cache_dir
-
-    key = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), seq_len, llama_cpp_version()]
-    return cache_dir() / "exp_joint_vs_sequential" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
-
-
-def _load(cache: Path) -> dict:
-    return json.loads(cache.read_text()) if cache.is_file() else {"window_nll": {}, "zero_shot": {}}
-
-
 def score_ppl(path: Path, tok, args) -> dict:
-    """Per-window NLLs of one GGUF in llama.cpp on every ``--ppl-stride``-th WikiText-2 window, cached per window."""
+    """Per-window NLLs of one GGUF in llama.cpp on every ``--ppl-stride``-th WikiText-2 window (cached per window,
+    shared with ``bench_llamacpp.py``: ``archquant.evaluation.gguf_scores``)."""
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
-    from archquant.engine.llamacpp import open_gguf_lm
-    from archquant.evaluation.perplexity import perplexity, window_count
+    from archquant.evaluation import gguf_scores
+    from archquant.evaluation.perplexity import window_count
 
-    cache = _cache(path, args.seq_len)
-    rec = _load(cache)
-    ppl_file = resolve_data_path(DataConfig(), "ppl_file")
-    n = window_count(tok, ppl_file, args.seq_len)
-    wanted = list(range(0, n, args.ppl_stride))
-    missing = [w for w in wanted if str(w) not in rec["window_nll"]]
-    if missing:
-        lm = open_gguf_lm(path, seq_len=args.seq_len, n_threads=args.threads)
-        try:
-            t0 = time.perf_counter()
-            for i in range(0, len(missing), args.chunk):
-                part = missing[i : i + args.chunk]
-                got = perplexity(lm, tok, ppl_file, seq_len=args.seq_len, batch_size=1, per_window=True,
-                                 window_indices=part)
-                rec["window_nll"].update({str(w): x for w, x in zip(part, got["window_nll"])})
-                atomic_write_json(cache, rec)
-                done = i + len(part)
-                print(f"  {path.name}: {done}/{len(missing)} windows, {(time.perf_counter() - t0) / done:.2f} s/window",
-                      flush=True)
-        finally:
-            lm.runner.close()
-    nll = [rec["window_nll"][str(w)] for w in wanted]
-    return {"window_nll": nll, "windows": len(wanted), "of_windows": n,
-            "ppl": math.exp(math.fsum(nll) / (len(nll) * (args.seq_len - 1)))}
+    n = window_count(tok, resolve_data_path(DataConfig(), "ppl_file"), args.seq_len)
+    return gguf_scores.perplexity(path, tok, list(range(0, n, args.ppl_stride)), seq_len=args.seq_len,
+                                  threads=args.threads, chunk=args.chunk, log=lambda m: print(m, flush=True))
 
 
 def score_zero_shot(path: Path, tok, args) -> dict:
     """The zero-shot suite of one GGUF on llama.cpp's logits (``--limit`` rows per task, ``--piqa-limit`` for PIQA),
     cached per task."""
-    from archquant.engine.llamacpp import open_gguf_lm
-    from archquant.evaluation.zero_shot import zero_shot
+    from archquant.evaluation import gguf_scores
 
-    cache = _cache(path, args.seq_len)
-    rec = _load(cache)
     jobs = [(t, args.piqa_limit if t == "piqa" else args.limit) for t in args.tasks]
-    todo = [(t, lim) for t, lim in jobs if f"{t}:{lim}" not in rec["zero_shot"]]
-    if todo:
-        lm = open_gguf_lm(path, seq_len=args.seq_len, n_threads=args.threads)
-        try:
-            for task, limit in todo:
-                res = zero_shot(lm, tok, tasks=[task], limit=limit, batch_size=4, progress=False,
-                                max_length=args.seq_len)[task]
-                rec = _load(cache)  # the file may have gained windows meanwhile
-                rec["zero_shot"][f"{task}:{limit}"] = {k: res.get(k) for k in ("acc", "acc_norm", "n", "stderr", "metric")}
-                atomic_write_json(cache, rec)
-                print(f"  {path.name}: {task} ({res['n']} rows) {res['metric']} {res[res['metric']]:.4f}", flush=True)
-        finally:
-            lm.runner.close()
-    return {t: rec["zero_shot"][f"{t}:{lim}"] for t, lim in jobs}
+    return gguf_scores.zero_shot(path, tok, jobs, seq_len=args.seq_len, threads=args.threads,
+                                 log=lambda m: print(m, flush=True))
 
 
 def _reference(point: dict) -> str | None:

@@ -16,6 +16,8 @@ Tolerances, measured here (tiny model, 40 tokens, F32 KV cache):
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -223,3 +225,37 @@ def test_prefix_reusing_scorer_gives_the_loglikelihoods_of_whole_rows(tiny, tmp_
     for a, b in zip(fast, ref):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3) and a.greedy == b.greedy and a.num_tokens == b.num_tokens
     assert reused < 0.7 * whole  # the shared contexts were not decoded again
+
+
+def test_gguf_scores_are_cached_per_window_and_per_task(tiny, tmp_path, monkeypatch):
+    """One file's WikiText-2 windows and zero-shot tasks are scored once: a later call that asks for more windows
+    scores only the new ones (the cached ones are read back as stored), and agrees with scoring directly."""
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.evaluation import gguf_scores
+    from archquant.evaluation.perplexity import perplexity
+
+    monkeypatch.setenv("ARCHQUANT_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    first = gguf_scores.perplexity(path, tok, [3, 1], seq_len=64, log=lambda m: None)
+    lm = open_gguf_lm(path, seq_len=64)
+    try:
+        ref = perplexity(lm, tok, resolve_data_path(DataConfig(), "ppl_file"), seq_len=64, batch_size=1,
+                         per_window=True, window_indices=[3, 1])
+    finally:
+        lm.runner.close()
+    assert first["window_nll"] == pytest.approx(ref["window_nll"], rel=1e-6) and first["windows"] == 2
+    assert first["ppl"] == pytest.approx(ref["ppl"], rel=1e-6)
+    cache = gguf_scores.cache_path(path, 64)
+    rec = gguf_scores.load(cache)
+    rec["window_nll"]["1"] = 123.0  # a cached window is read, never recomputed
+    cache.write_text(json.dumps(rec))
+    more = gguf_scores.perplexity(path, tok, [1, 3, 5], seq_len=64, log=lambda m: None)
+    assert more["window_nll"][0] == 123.0 and more["window_nll"][1] == first["window_nll"][0]
+    assert sorted(gguf_scores.load(cache)["window_nll"]) == ["1", "3", "5"]
+    with pytest.raises(ValueError, match="outside the"):
+        gguf_scores.perplexity(path, tok, [10**7], seq_len=64)
+    zs = gguf_scores.zero_shot(path, tok, [("piqa", 3)], seq_len=512, log=lambda m: None)  # byte tokens: long rows
+    assert zs["piqa"]["n"] == 3 and "piqa:3" in gguf_scores.load(gguf_scores.cache_path(path, 512))["zero_shot"]

@@ -49,7 +49,7 @@ def test_16_bit_only_space_needs_no_group_check():
     assert space.wbits == [16]
 
 
-@pytest.mark.parametrize("key,value", [("hidden", [1.5]), ("mlp", []), ("wbits", [7]), ("abits", [4])])
+@pytest.mark.parametrize("key,value", [("hidden", [1.5]), ("mlp", []), ("wbits", [9]), ("abits", [4])])
 def test_invalid_space_config_names_the_key(key, value):
     with pytest.raises(SpaceError, match=f"space.{key}"):
         SpaceConfig(**{key: value})

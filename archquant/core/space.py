@@ -71,9 +71,11 @@ class SpaceConfig:
             vals = [v for v in getattr(self, key) if not (key != "abits" and is_type_name(v))]
             if key != "abits" and not vals and getattr(self, key):
                 continue
-            # 6 and 5 exist as GGUF types (Q6_K, Q5_0/Q5_1/Q5_K); each backend refuses the bits it cannot run
-            if not vals or any(int(b) not in (2, 3, 4, 5, 6, 8, 16) for b in vals):
-                raise SpaceError(f"space.{key} must be a non-empty list drawn from {{16, 8, 6, 5, 4, 3, 2}}, got {vals}")
+            # every width from 2 to 8 can name a GGUF type's slot (Q6_K 6, Q5_0 5, Q4_1 beside Q4_0 at 5, ...);
+            # each backend refuses the bits it cannot run
+            if not vals or any(int(b) not in (2, 3, 4, 5, 6, 7, 8, 16) for b in vals):
+                raise SpaceError(f"space.{key} must be a non-empty list drawn from {{16, 8, 7, 6, 5, 4, 3, 2}} (or GGUF "
+                                 f"type names with latency.backend=llamacpp), got {vals}")
         if any(int(b) not in (8, 16) for b in self.abits):
             raise SpaceError(f"space.abits supports 16 and 8 (per-token dynamic int8), got {list(self.abits)}")
         if self.group_size <= 0 or self.width_multiple <= 0:

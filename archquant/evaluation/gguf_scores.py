@@ -1,0 +1,113 @@
+"""Scores of a GGUF in llama.cpp, cached per file: WikiText-2 NLL per window and zero-shot results per task.
+
+The whole WikiText-2 test takes ~15 min per 135M-parameter file on 2 cores, so scores are kept per window, under
+the file's sha256 together with the text file's, the window length and llama.cpp's version
+(``$ARCHQUANT_CACHE/gguf_scores``): a killed run resumes, a later run that asks for more windows scores only the
+missing ones, and every script that scores the same file (``scripts/exp_joint_vs_sequential.py``,
+``scripts/bench_llamacpp.py``) shares them. Each window's NLL is the sum over its ``seq_len - 1`` predicted tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from archquant.utils.io import atomic_write_json
+
+
+def cache_path(path: str | Path, seq_len: int) -> Path:
+    """The score record of one GGUF at one window length."""
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import llama_cpp_version
+    from archquant.utils.manifest import sha256_file
+    from archquant.utils.paths import cache_dir
+
+    key = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), int(seq_len),
+           llama_cpp_version()]
+    return cache_dir() / "gguf_scores" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
+
+
+def load(cache: Path) -> dict:
+    """``{"window_nll": {window: nll}, "zero_shot": {"task:limit": result}}`` (empty when nothing is cached)."""
+    return json.loads(cache.read_text()) if cache.is_file() else {"window_nll": {}, "zero_shot": {}}
+
+
+def perplexity(path: str | Path, tokenizer, windows: list[int] | None = None, *, seq_len: int = 512, threads: int = 2,
+               chunk: int = 8, log: Callable[[str], None] = print) -> dict:
+    """llama.cpp perplexity of a GGUF on WikiText-2 windows of ``seq_len`` tokens, every window cached.
+
+    Args:
+        windows: window indices (None: the whole test).
+        chunk: windows scored between cache writes.
+
+    Returns:
+        ``{"ppl", "window_nll" (in ``windows`` order), "windows", "of_windows", "tokens"}``.
+    """
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.evaluation.perplexity import perplexity as score
+    from archquant.evaluation.perplexity import window_count
+
+    path = Path(path)
+    cache = cache_path(path, seq_len)
+    rec = load(cache)
+    ppl_file = resolve_data_path(DataConfig(), "ppl_file")
+    n = window_count(tokenizer, ppl_file, seq_len)
+    wanted = list(range(n)) if windows is None else [int(w) for w in windows]
+    bad = [w for w in wanted if not 0 <= w < n]
+    if bad:
+        raise ValueError(f"windows {bad[:5]} are outside the {n} windows of {seq_len} tokens")
+    missing = [w for w in wanted if str(w) not in rec["window_nll"]]
+    if missing:
+        lm = open_gguf_lm(path, seq_len=seq_len, n_threads=threads)
+        try:
+            t0 = time.perf_counter()
+            for i in range(0, len(missing), chunk):
+                part = missing[i : i + chunk]
+                got = score(lm, tokenizer, ppl_file, seq_len=seq_len, batch_size=1, per_window=True, window_indices=part)
+                rec = load(cache)  # another process may have added windows meanwhile
+                rec["window_nll"].update({str(w): x for w, x in zip(part, got["window_nll"])})
+                atomic_write_json(cache, rec)
+                done = i + len(part)
+                log(f"  {path.name}: {done}/{len(missing)} windows, {(time.perf_counter() - t0) / done:.2f} s/window")
+        finally:
+            lm.runner.close()
+    nll = [rec["window_nll"][str(w)] for w in wanted]
+    tokens = len(nll) * (seq_len - 1)
+    return {"ppl": math.exp(math.fsum(nll) / tokens), "window_nll": nll, "windows": len(wanted), "of_windows": n,
+            "tokens": tokens}
+
+
+def zero_shot(path: str | Path, tokenizer, jobs: list[tuple[str, int | None]], *, seq_len: int = 512,
+              threads: int = 2, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Zero-shot results of a GGUF on llama.cpp's logits, cached per ``(task, limit)`` (``limit`` rows, None or 0:
+    all): ``task -> {"acc", "acc_norm", "n", "stderr", "metric"}``."""
+    from archquant.engine.llamacpp import open_gguf_lm
+    from archquant.evaluation.zero_shot import zero_shot as run
+
+    path = Path(path)
+    cache = cache_path(path, seq_len)
+    key = {task: f"{task}:{limit or 0}" for task, limit in jobs}
+    todo = [(t, lim) for t, lim in jobs if key[t] not in load(cache)["zero_shot"]]
+    if todo:
+        lm = open_gguf_lm(path, seq_len=seq_len, n_threads=threads)
+        try:
+            for task, limit in todo:
+                t0 = time.perf_counter()
+                res = run(lm, tokenizer, tasks=[task], limit=limit or None, batch_size=1, progress=False,
+                          max_length=seq_len)[task]
+                rec = load(cache)
+                rec["zero_shot"][key[task]] = {k: res.get(k) for k in ("acc", "acc_norm", "n", "stderr", "metric")}
+                atomic_write_json(cache, rec)
+                log(f"  {path.name}: {task} ({res['n']} rows, {time.perf_counter() - t0:.0f} s) "
+                    f"{res['metric']} {res[res['metric']]:.4f}")
+        finally:
+            lm.runner.close()
+    rec = load(cache)
+    return {t: rec["zero_shot"][key[t]] for t, _ in jobs}
