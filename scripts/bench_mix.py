@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     def run(kind: str, backward: bool):
         pi = pi0.clone().requires_grad_(backward)
-        out = mix_weights(stack, pi) if kind == "mv" else choices.mix(pi, 0, len(bits))
+        out = mix_weights(stack, pi) if kind == "mv" else choices.mix(pi, list(range(len(bits))))
         if backward:
             out.sum().backward()
         return out

@@ -38,9 +38,10 @@ def sn(tmp_path_factory):
     model, tok = load_model("tiny-llama", tiny_overrides={"num_hidden_layers": 2, "hidden_size": 288,
                                                          "intermediate_size": 512, "num_attention_heads": 9,
                                                          "num_key_value_heads": 3, "head_dim": 32})
-    space = tiny_space(hidden=[1.0, 0.889], mlp=[1.0, 0.75, 0.5], kv_groups=[1.0], wbits=[16, 8, 4],
+    # slots {8: Q8_0, 6: Q6_K, 5: Q5_0, 4: Q4_K}: the activation formats alternate (Q8_0, Q8_K, Q8_0, Q8_K)
+    space = tiny_space(hidden=[1.0, 0.889], mlp=[1.0, 0.75, 0.5], kv_groups=[1.0], wbits=[16, 8, 6, 5, 4],
                        lm_head_bits=[16, 8])
-    backend = LlamaCppBackend(types_from_names(["Q8_0", "Q4_K"]))
+    backend = LlamaCppBackend(types_from_names(["Q8_0", "Q6_K", "Q5_0", "Q4_K"]))
     sn = build(model, space, backend=backend, calib_ids=token_ids(rows=4, seq=32, seed=1),
                cache_dir=tmp_path_factory.mktemp("cache"))
     sn.tokenizer = tok
@@ -124,3 +125,43 @@ def test_latency_and_memory_price_each_tensor_as_the_type_it_stores(sn, tmp_path
         assert mb[hidden] * 1e6 == pytest.approx(nbytes, rel=1e-9), hidden
     probs["hidden"] = torch.tensor([0.3, 0.7], dtype=torch.float64)
     assert float(lm_model.expected_mb(probs)) == pytest.approx(0.3 * mb[288] + 0.7 * mb[256], rel=1e-9)
+
+
+@pytest.mark.parametrize("mix_outputs", [0, 10**6], ids=["mixed-weights", "mixed-outputs"])
+def test_soft_bits_mix_the_choices_of_alternating_activation_formats(sn, mix_outputs):
+    """A palette whose activation formats alternate along the gate (Q8_0, Q6_K, Q5_0, Q4_K) still mixes as
+    ``sum_k pi_k x_k Q_k^T``, each choice fed its own activation format."""
+    from archquant.supernet.quant import mixed_act
+
+    mlp = sn.layers[0].mlp
+    lin = mlp.down_proj
+    assert len(set(lin.classes)) == 3 and lin.classes[2] == lin.classes[4] != lin.classes[3]
+    x = torch.randn(2, 5, lin.active_weight().shape[1], generator=torch.Generator().manual_seed(0))
+    xs = mixed_act(x, sn.backend, [16], None, 0, mlp.class_bits, sorted(set(lin.classes)))
+    pi = torch.softmax(torch.randn(len(lin.bits), generator=torch.Generator().manual_seed(1)), 0)
+    old, lin.mix_outputs_max_tokens = lin.mix_outputs_max_tokens, mix_outputs
+    try:
+        with torch.no_grad():
+            got = lin(xs, pi)
+            want = sum(pi[k] * lin(xs, k) for k in range(len(lin.bits)))
+    finally:
+        lin.mix_outputs_max_tokens = old
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_is_llama_cpps_own(sn, tmp_path):
+    """llama-quantize with pure K presets on rows of 288 stores exactly ``FALLBACK``'s types there (and the K-quant
+    itself on the 512-long ffn_down rows)."""
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from archquant.engine.presets import quantize_gguf
+
+    src = export_gguf(materialize(sn, Arch.full(sn.space)), tmp_path / "src.gguf", tokenizer=sn.tokenizer,
+                      types={16: "F32"})
+    for preset, qtype in (("Q6_K", "Q6_K"), ("Q5_K_S", "Q5_K"), ("Q4_K_S", "Q4_K"), ("Q3_K_S", "Q3_K"),
+                          ("IQ4_XS", "IQ4_XS")):
+        out = quantize_gguf(src, tmp_path / f"{preset}.gguf", preset, pure=True, threads=1)
+        types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+        assert types["blk.0.attn_q.weight"] == FALLBACK[qtype], preset
+        assert types["blk.0.ffn_down.weight"] == qtype, preset

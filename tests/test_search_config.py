@@ -61,6 +61,16 @@ def test_quick_preset_sizes_the_main_job_and_stays_overridable():
     assert _compose([]).search.steps == 150  # without the preset, the full-size defaults
 
 
+def test_standard_preset_is_the_quick_job_with_longer_searches():
+    quick, std = _compose(["preset=quick"]), _compose(["preset=standard"])
+    assert (std.search.steps, std.search.refine_evals, std.data.num_calib_blocks, std.eval.ppl_max_windows) == (
+        120, 24, 64, 40)
+    # everything else is the quick job's (the same budgets, baselines, presets, distillation)
+    for group in ("budget", "latency", "space", "pareto", "run", "distill", "slo", "trainer"):
+        assert getattr(std, group) == getattr(quick, group), group
+    assert _compose(["preset=standard", "search.steps=60"]).search.steps == 60
+
+
 def test_budget_and_resume_reach_the_config():
     cfg = _compose(["budget.latency_ms=25", "budget.memory_mb=60", "search.steps=150", "resume=/tmp/x"])
     assert (cfg.budget.latency_ms, cfg.budget.memory_mb, cfg.resume) == (25.0, 60.0, "/tmp/x")

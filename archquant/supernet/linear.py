@@ -26,15 +26,13 @@ def _take(t: torch.Tensor, sel: Sel, dim: int) -> torch.Tensor:
     return t.index_select(dim, sel.to(t.device))
 
 
-def _class_ranges(bits: list[int], classes: list[int]) -> dict[int, tuple[int, int]]:
-    """``class -> (lo, hi)``: the bits choices of each activation class, a contiguous range of the gate."""
-    ranges: dict[int, tuple[int, int]] = {}
+def _class_members(classes: list[int]) -> dict[int, list[int]]:
+    """``class -> the indices of its bits choices`` (in gate order; a class's choices need not be adjacent: a
+    palette may alternate Q8_0- and Q8_K-activation types)."""
+    members: dict[int, list[int]] = {}
     for i, c in enumerate(classes):
-        lo, hi = ranges.get(c, (i, i))
-        if hi != i:
-            raise ValueError(f"bits choices {bits} of one activation class must be adjacent: {classes}")
-        ranges[c] = (lo, i + 1)
-    return ranges
+        members.setdefault(c, []).append(i)
+    return members
 
 
 def compose(sel: Sel, sub: Sel, full: int) -> torch.Tensor | None:
@@ -96,7 +94,7 @@ class ElasticLinear(nn.Module):
         self.group_size = group_size
         self.backend = backend
         self.classes = list(classes)
-        self.class_ranges = _class_ranges(self.bits, self.classes)
+        self.class_members = _class_members(self.classes)
         self.fixed_bits: int | None = None
         self.out_sel: Sel = None
         self.in_sel: Sel = None
@@ -226,28 +224,28 @@ class ElasticLinear(nn.Module):
                 self.weight, self.active_weight, self.bits, self.quantiser(), self._slice_version
             ).take(_take, out_sub, in_sub)
         y = None
-        for c, (lo, hi) in self.class_ranges.items():
-            term = self._mixed_term(xs[c], choices, pi, lo, hi)
+        for c, ks in self.class_members.items():
+            term = self._mixed_term(xs[c], choices, pi, ks)
             y = term if y is None else y + term
         return y if bias is None else y + bias
 
-    def _mixed_term(self, x: torch.Tensor, choices: WeightChoices, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """``x (sum_{k in lo:hi} pi_k Q_k)^T``, mixing weights or outputs, whichever moves fewer bytes.
+    def _mixed_term(self, x: torch.Tensor, choices: WeightChoices, pi: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        """``x (sum_{k in ks} pi_k Q_k)^T``, mixing weights or outputs, whichever moves fewer bytes.
 
         Mixing weights costs two passes over the choices and a full ``[N, K]`` write per call and per
         backward; mixing outputs costs one matmul per choice. Below ``mix_outputs_max_tokens`` rows the
         matmuls are cheaper (a search step on one short block); above, one mixed matmul is.
         """
-        if hi - lo == 1:
-            return F.linear(x, choices[lo]) * pi[lo]
+        if len(ks) == 1:
+            return F.linear(x, choices[ks[0]]) * pi[ks[0]]
         rows = x.numel() // max(1, x.shape[-1])
         if rows <= self.mix_outputs_max_tokens:
             y = None
-            for k in range(lo, hi):
+            for k in ks:
                 term = F.linear(x, choices[k]) * pi[k]
                 y = term if y is None else y + term
             return y
-        return F.linear(x, choices.mix(pi, lo, hi))
+        return F.linear(x, choices.mix(pi, ks))
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

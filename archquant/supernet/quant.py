@@ -147,14 +147,15 @@ class WeightChoices:
         ident = None if self.ident is None else take(take(self.ident, out_sub, 0), in_sub, 1)
         return WeightChoices(stack, ident, self.ident_index)
 
-    def mix(self, pi: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """``sum_{k in [lo, hi)} pi_k Q_k`` (``mix_choices``)."""
-        rows = [k for k in range(lo, hi) if k != self.ident_index]
+    def mix(self, pi: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        """``sum_{k in ks} pi_k Q_k`` (``mix_choices``)."""
+        rows = [k for k in ks if k != self.ident_index]
         stack = pi_rows = None
         if rows:
-            r0 = self._row(rows[0])
-            stack, pi_rows = self.stack[r0 : r0 + len(rows)], pi[rows]  # the rows are adjacent in the stack
-        with_ident = self.ident_index is not None and lo <= self.ident_index < hi
+            r = [self._row(k) for k in rows]
+            adjacent = r == list(range(r[0], r[0] + len(r)))  # a view of the stack, else a gathered copy
+            stack, pi_rows = (self.stack[r[0] : r[0] + len(r)] if adjacent else self.stack[r]), pi[rows]
+        with_ident = self.ident_index is not None and self.ident_index in ks
         return mix_choices(stack, pi_rows, self.ident if with_ident else None,
                            pi[self.ident_index] if with_ident else None)
 
