@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from archquant.evaluation.gguf_scores import SCORES_ENV
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json
 
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one session per file each)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 ppl windows, 20 rows of PIQA only")
+    ap.add_argument("--scores", help="folder of the per-file score records (default $ARCHQUANT_SCORES, else the "
+                    "cache; results/gguf_scores keeps them with the results)")
     args = ap.parse_args(argv)
+    if args.scores:
+        os.environ[SCORES_ENV] = str(Path(args.scores).resolve())
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.quick:

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from archquant.evaluation.gguf_scores import SCORES_ENV
 from archquant.utils.env import run_header
 from archquant.utils.io import atomic_write_json
 
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ppl-stride", type=int, default=1, help="score every k-th WikiText-2 window (1: the whole test)")
     ap.add_argument("--chunk", type=int, default=8, help="windows scored between cache writes")
+    ap.add_argument("--scores", help="folder of the per-file score records (default $ARCHQUANT_SCORES, else the "
+                    "cache; results/gguf_scores keeps them with the results)")
     ap.add_argument("--tasks", nargs="*", default=TASKS)
     ap.add_argument("--limit", type=int, default=500, help="rows per zero-shot task (0: all)")
     ap.add_argument("--piqa-limit", type=int, default=0, help="PIQA rows (0: all)")
@@ -258,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--markdown", action="store_true", help="print the README tables of results/<output>.json and stop")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the searches (after --)")
     args = ap.parse_args(argv)
+    if args.scores:
+        os.environ[SCORES_ENV] = str(Path(args.scores).resolve())
     if args.ppl_stride < 1 or args.targets < 1 or args.rounds < 1:
         ap.error("--ppl-stride, --targets and --rounds must be >= 1")
     args.limit, args.piqa_limit = args.limit or None, args.piqa_limit or None

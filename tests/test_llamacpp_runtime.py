@@ -259,3 +259,11 @@ def test_gguf_scores_are_cached_per_window_and_per_task(tiny, tmp_path, monkeypa
         gguf_scores.perplexity(path, tok, [10**7], seq_len=64)
     zs = gguf_scores.zero_shot(path, tok, [("piqa", 3)], seq_len=512, log=lambda m: None)  # byte tokens: long rows
     assert zs["piqa"]["n"] == 3 and "piqa:3" in gguf_scores.load(gguf_scores.cache_path(path, 512))["zero_shot"]
+    # a folder of records kept elsewhere ($ARCHQUANT_SCORES) names its file and key, and is what later calls read
+    monkeypatch.setenv("ARCHQUANT_SCORES", str(tmp_path / "kept"))
+    kept = gguf_scores.cache_path(path, 64)
+    assert kept.parent == tmp_path / "kept" and kept.name == cache.name
+    gguf_scores.perplexity(path, tok, [1], seq_len=64, log=lambda m: None)
+    rec = gguf_scores.load(kept)
+    assert rec["file"] == "m.gguf" and rec["key"]["seq_len"] == 64 and list(rec["window_nll"]) == ["1"]
+    assert rec["window_nll"]["1"] == pytest.approx(first["window_nll"][1], rel=1e-6)

@@ -34,13 +34,79 @@ class LlamaCppMissingError(UserError, ImportError):
 
 
 def require_llama_cpp():
-    """Import ``llama_cpp`` or raise with the install command."""
+    """Import ``llama_cpp`` or raise with the install command; refuse a build this machine cannot run."""
     try:
         import llama_cpp
     except ImportError as err:
         raise LlamaCppMissingError(f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}") from err
     _quiet(llama_cpp)
+    _check_amx(llama_cpp)
     return llama_cpp
+
+
+AMX_REBUILD = (
+    "CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" "
+    "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36"
+)
+_PROBE = """
+import tempfile
+from pathlib import Path
+from archquant.engine.gguf_writer import export_gguf
+from archquant.engine.llamacpp import LlamaCppRunner
+from archquant.engine.presets import quantize_gguf
+from archquant.models.tiny import tiny_llama
+from archquant.models.tokenizers import byte_tokenizer
+tok = byte_tokenizer()
+with tempfile.TemporaryDirectory() as d:
+    f16 = export_gguf(tiny_llama(vocab_size=len(tok)), Path(d) / "f16.gguf", tokenizer=tok)
+    path = quantize_gguf(f16, Path(d) / "q8_0.gguf", "Q8_0", pure=True)  # AMX runs quantised matmuls
+    with LlamaCppRunner(path, n_ctx=32) as runner:
+        runner.logits(list(range(1, 17)))
+"""
+_AMX_OK: bool | None = None
+_PROBE_ENV = "ARCHQUANT_LLAMACPP_PROBE"  # set in the probe's own process
+
+
+def _check_amx(llama_cpp, probe: str = _PROBE) -> None:
+    """A llama.cpp compiled with ``-march=native`` on a CPU that reports AMX uses AMX tile instructions in its
+    matmuls; a virtual machine that reports AMX without running it kills the process with SIGILL at the first
+    matmul, with no message. Where the build has AMX, a child process decodes a tiny model once (the verdict is
+    cached per build and CPU); if the child dies by SIGILL this raises with the rebuild command."""
+    import os
+
+    global _AMX_OK
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    if _AMX_OK or "AMX_INT8 = 1" not in info or os.environ.get(_PROBE_ENV):
+        return
+    import hashlib
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from archquant.utils.env import _cpu_model
+    from archquant.utils.io import atomic_write_json
+    from archquant.utils.paths import cache_dir
+
+    key = hashlib.sha256(json.dumps([llama_cpp_version(), info, _cpu_model(), probe]).encode()).hexdigest()[:16]
+    verdict = cache_dir() / "llamacpp_probe" / f"{key}.json"
+    if verdict.is_file():
+        ok = json.loads(verdict.read_text())["ok"]
+    else:
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, _PROBE_ENV: "1"})
+        if proc.returncode not in (0, -signal.SIGILL):
+            raise RuntimeError(f"the llama.cpp probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        ok = proc.returncode == 0
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(verdict, {"ok": ok, "system_info": info, "cpu": _cpu_model()})
+    if not ok:
+        raise LlamaCppMissingError(
+            "this llama-cpp-python build uses AMX tile instructions (its system info: AMX_INT8 = 1) that this machine "
+            "does not run: llama.cpp dies with SIGILL at its first matmul (a virtual machine whose CPU reports AMX). "
+            f"Rebuild it without AMX: {AMX_REBUILD}")
+    _AMX_OK = True
 
 
 _LOG_CB = None

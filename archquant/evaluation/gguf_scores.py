@@ -2,9 +2,12 @@
 
 The whole WikiText-2 test takes ~15 min per 135M-parameter file on 2 cores, so scores are kept per window, under
 the file's sha256 together with the text file's, the window length and llama.cpp's version
-(``$ARCHQUANT_CACHE/gguf_scores``): a killed run resumes, a later run that asks for more windows scores only the
+(``$ARCHQUANT_SCORES``, default ``$ARCHQUANT_CACHE/gguf_scores``): a killed run resumes, a later run that asks for more windows scores only the
 missing ones, and every script that scores the same file (``scripts/exp_joint_vs_sequential.py``,
 ``scripts/bench_llamacpp.py``) shares them. Each window's NLL is the sum over its ``seq_len - 1`` predicted tokens.
+Each record also names its key (``"key"``) and the file it was last scored from (``"file"``), so a folder of
+records kept with the results (the scripts' ``--scores results/gguf_scores``) is readable and carries a long
+scoring run over to another machine that rebuilds the same files.
 """
 
 from __future__ import annotations
@@ -18,18 +21,40 @@ from typing import Callable
 
 from archquant.utils.io import atomic_write_json
 
+SCORES_ENV = "ARCHQUANT_SCORES"
 
-def cache_path(path: str | Path, seq_len: int) -> Path:
-    """The score record of one GGUF at one window length."""
+
+def scores_dir() -> Path:
+    """Folder of the score records: ``$ARCHQUANT_SCORES``, else ``$ARCHQUANT_CACHE/gguf_scores``."""
+    import os
+
+    from archquant.utils.paths import cache_dir
+
+    env = os.environ.get(SCORES_ENV)
+    return Path(env).expanduser() if env else cache_dir() / "gguf_scores"
+
+
+def _key(path: str | Path, seq_len: int) -> dict:
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
     from archquant.engine.llamacpp import llama_cpp_version
     from archquant.utils.manifest import sha256_file
-    from archquant.utils.paths import cache_dir
 
-    key = [sha256_file(path), sha256_file(resolve_data_path(DataConfig(), "ppl_file")), int(seq_len),
-           llama_cpp_version()]
-    return cache_dir() / "gguf_scores" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
+    return {"gguf_sha256": sha256_file(path), "text_sha256": sha256_file(resolve_data_path(DataConfig(), "ppl_file")),
+            "seq_len": int(seq_len), "llama_cpp": llama_cpp_version()}
+
+
+def cache_path(path: str | Path, seq_len: int) -> Path:
+    """The score record of one GGUF at one window length."""
+    key = list(_key(path, seq_len).values())
+    return scores_dir() / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.json"
+
+
+def _save(cache: Path, rec: dict, path: Path, seq_len: int) -> None:
+    rec.setdefault("key", _key(path, seq_len))
+    rec["file"] = path.name
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cache, rec)
 
 
 def load(cache: Path) -> dict:
@@ -73,7 +98,7 @@ def perplexity(path: str | Path, tokenizer, windows: list[int] | None = None, *,
                 got = score(lm, tokenizer, ppl_file, seq_len=seq_len, batch_size=1, per_window=True, window_indices=part)
                 rec = load(cache)  # another process may have added windows meanwhile
                 rec["window_nll"].update({str(w): x for w, x in zip(part, got["window_nll"])})
-                atomic_write_json(cache, rec)
+                _save(cache, rec, path, seq_len)
                 done = i + len(part)
                 log(f"  {path.name}: {done}/{len(missing)} windows, {(time.perf_counter() - t0) / done:.2f} s/window")
         finally:
@@ -104,7 +129,7 @@ def zero_shot(path: str | Path, tokenizer, jobs: list[tuple[str, int | None]], *
                           max_length=seq_len)[task]
                 rec = load(cache)
                 rec["zero_shot"][key[task]] = {k: res.get(k) for k in ("acc", "acc_norm", "n", "stderr", "metric")}
-                atomic_write_json(cache, rec)
+                _save(cache, rec, path, seq_len)
                 log(f"  {path.name}: {task} ({res['n']} rows, {time.perf_counter() - t0:.0f} s) "
                     f"{res['metric']} {res[res['metric']]:.4f}")
         finally:
