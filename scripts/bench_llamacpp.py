@@ -17,7 +17,8 @@ tables' statistic), and ratios between points are measured in the same minutes.
     python scripts/bench_llamacpp.py --random 4                        # random subnets (a sanity sweep)
     python scripts/bench_llamacpp.py --random 2 --quick                # smoke: 2 ppl windows, 20 PIQA rows
 
-Writes ``results/bench_llamacpp.json`` and ``results/bench_llamacpp.png`` (``.quick`` with ``--quick``).
+Writes ``results/bench_llamacpp.json`` and ``results/bench_llamacpp.png`` (``.quick`` with ``--quick``; another
+name with ``--output``).
 Architectures (``arch.json``) are materialised from the importance-ordered supernet (calibration data
 ``data.calib_file``), exported with ``export_gguf`` and evaluated as files; export folders are used as is.
 """
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (one session per file each)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 ppl windows, 20 rows of PIQA only")
+    ap.add_argument("--output", help="results/<OUTPUT>.json and .png (default bench_llamacpp, .quick with --quick)")
     ap.add_argument("--scores", help="folder of the per-file score records (default $ARCHQUANT_SCORES, else the "
                     "cache; results/gguf_scores keeps them with the results)")
     args = ap.parse_args(argv)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         time_interleaved(rows, scen, args.rounds, args.threads)
         for row in rows:
             print(f"{row['name']:<24} " + "  ".join(f"{n} {row[n + '_ms']:.2f} ms" for n in scen))
-    stem = "bench_llamacpp.quick" if args.quick else "bench_llamacpp"
+    stem = args.output or ("bench_llamacpp.quick" if args.quick else "bench_llamacpp")
     result = {"header": header, "points": rows}
     atomic_write_json(ROOT / "results" / f"{stem}.json", result)
     _plot(rows, ROOT / "results" / f"{stem}.png")

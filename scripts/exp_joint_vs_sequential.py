@@ -19,8 +19,16 @@
     python scripts/exp_joint_vs_sequential.py                                  # everything (hours here)
     python scripts/exp_joint_vs_sequential.py --ppl-stride 8 --limit 100 --piqa-limit 500    # a cheaper reading
     python scripts/exp_joint_vs_sequential.py --run <out>/run                  # a finished run's front
+    python scripts/exp_joint_vs_sequential.py --run results/exp_joint_vs_sequential.run.json --scores results/gguf_scores
+                                                           # the same files on another machine, without searching
 
-Writes ``results/exp_joint_vs_sequential.json`` and ``.png``.
+Writes ``results/exp_joint_vs_sequential.json`` and ``.png``, and the run's record
+``results/exp_joint_vs_sequential.run.json`` (its overrides and front, every architecture included): given to
+``--run``, it rebuilds the very files (exports are deterministic; presets are re-made by llama-quantize) so that
+the hours of scoring can continue on another machine with the score records kept under ``--scores``.
+``--select-stride k`` (default 16) scores every file on every k-th window first and then only the points the
+comparison needs (the joint picks, each family's best point meeting a target, the speed-up references, the
+original) on every ``--ppl-stride``-th: the whole test for ~6 files instead of ~19.
 """
 
 from __future__ import annotations
@@ -97,7 +105,7 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     for p in points:
         extra = p.get("extra") or {}
         if p["source"] == "preset":
-            files[p["name"]] = Path(extra["gguf"])
+            files[p["name"]] = _preset_file(extra, session)
             continue
         if extra.get("same_arch_as") or p.get("arch") is None:
             continue
@@ -111,8 +119,61 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     return files
 
 
-def score_ppl(path: Path, tok, args) -> dict:
-    """Per-window NLLs of one GGUF in llama.cpp on every ``--ppl-stride``-th WikiText-2 window (cached per window,
+def _preset_file(extra: dict, session) -> Path:
+    """A preset's GGUF, re-made by llama-quantize where the recorded file is missing (another machine)."""
+    from archquant.engine.presets import ORIGINAL, preset_files
+
+    path = Path(extra["gguf"])
+    if path.is_file():
+        return path
+    if extra["preset"] == ORIGINAL:
+        return Path(session.gguf_source())
+    return preset_files(session.model, path.parent, [extra["preset"]], source_gguf=session.gguf_source(),
+                        tokenizer=session.tokenizer)[extra["preset"]]
+
+
+def load_run(run_arg: str | None, out: Path, fractions: list[float], extra: list[str], record: Path):
+    """``(run folder, overrides, front points)``: from a run record (``--run <record>.json``), a finished run folder
+    (``--run <folder>``) or the searches run here; the record is written whenever it came from a folder."""
+    if run_arg and Path(run_arg).is_file():
+        rec = json.loads(Path(run_arg).read_text())
+        if not {"overrides", "points"} <= rec.keys():
+            raise SystemExit(f"{run_arg} is not a run record (it needs 'overrides' and 'points'): pass the "
+                             f"results/<output>.run.json this script wrote, or a run folder")
+        run = out / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        return run, rec["overrides"], rec["points"]
+    if run_arg:
+        run = Path(run_arg)
+        overrides = run_overrides(run)
+    else:
+        run = out / "run"
+        overrides = run_searches(out, fractions, extra)
+    if not (run / "pareto.json").is_file():
+        raise SystemExit(f"{run} has no pareto.json: pass a finished archquant-run folder to --run, or leave --run out")
+    points = json.loads((run / "pareto.json").read_text())["points"]
+    record.parent.mkdir(exist_ok=True)
+    atomic_write_json(record, {"overrides": overrides, "points": points})
+    return run, overrides, points
+
+
+def needed_names(comparisons: list[dict], original: str) -> set[str]:
+    """The points a comparison rests on: the joint picks, every family's point at each target and the speed-up
+    references (the rest of the front only competes for those places)."""
+    names = {original}
+    for c in comparisons:
+        if c["joint"]:
+            names.add(c["joint"]["name"])
+        names |= {e["point"]["name"] for e in c["versus"].values() if e["point"]}
+        for key in ("speedup_vs_baselines", "speedup_vs_presets"):
+            ref = (c.get(key) or {}).get("versus")
+            if ref:
+                names.add(ref["name"])
+    return names
+
+
+def score_ppl(path: Path, tok, args, stride: int | None = None) -> dict:
+    """Per-window NLLs of one GGUF in llama.cpp on every ``stride``-th (``--ppl-stride``) WikiText-2 window (cached per window,
     shared with ``bench_llamacpp.py``: ``archquant.evaluation.gguf_scores``)."""
     from archquant.data.config import DataConfig
     from archquant.data.files import resolve_data_path
@@ -120,7 +181,7 @@ def score_ppl(path: Path, tok, args) -> dict:
     from archquant.evaluation.perplexity import window_count
 
     n = window_count(tok, resolve_data_path(DataConfig(), "ppl_file"), args.seq_len)
-    return gguf_scores.perplexity(path, tok, list(range(0, n, args.ppl_stride)), seq_len=args.seq_len,
+    return gguf_scores.perplexity(path, tok, list(range(0, n, stride or args.ppl_stride)), seq_len=args.seq_len,
                                   threads=args.threads, chunk=args.chunk, log=lambda m: print(m, flush=True))
 
 
@@ -242,7 +303,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "exp_joint_vs_sequential"))
-    ap.add_argument("--run", help="a finished archquant-run folder to read instead of running the searches")
+    ap.add_argument("--run", help="a finished archquant-run folder, or the run record results/<output>.run.json, to "
+                                  "read instead of running the searches")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.56, 0.62],
                     help="search budgets as fractions of the full model's predicted latency")
     ap.add_argument("--targets", type=int, default=3)
@@ -250,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ppl-stride", type=int, default=1, help="score every k-th WikiText-2 window (1: the whole test)")
+    ap.add_argument("--select-stride", type=int, default=16,
+                    help="score every file on every k-th window to find the compared points, then only those on "
+                         "every --ppl-stride-th (<= --ppl-stride: every file on the finer windows)")
     ap.add_argument("--chunk", type=int, default=8, help="windows scored between cache writes")
     ap.add_argument("--scores", help="folder of the per-file score records (default $ARCHQUANT_SCORES, else the "
                     "cache; results/gguf_scores keeps them with the results)")
@@ -279,15 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     from archquant.search.compare import Scored, compare_at_targets, family_of, targets_between
 
     out = Path(args.out)
-    if args.run:
-        run = Path(args.run)
-        overrides = run_overrides(run)
-    else:
-        run = out / "run"
-        overrides = run_searches(out, args.fractions, list(args.overrides))
-    if not (run / "pareto.json").is_file():
-        raise SystemExit(f"{run} has no pareto.json: pass a finished archquant-run folder to --run, or leave --run out")
-    points = json.loads((run / "pareto.json").read_text())["points"]
+    run, overrides, points = load_run(args.run, out, args.fractions, list(args.overrides),
+                                      ROOT / "results" / f"{args.output}.run.json")
     cfg, session = session_of(overrides, run)
     files = point_files(points, session, out / "gguf")
     print(f"{len(files)} distinct files of {len(points)} points", flush=True)
@@ -295,29 +353,50 @@ def main(argv: list[str] | None = None) -> dict:
     timing = _previous_timing(ROOT / "results" / f"{args.output}.json", files) if args.reuse_timing else None
     if timing is None:
         timing = time_files(files, args.rounds, args.threads)  # first: scoring takes hours, timing minutes
-    scores = {}
-    for name, path in files.items():
-        print(f"perplexity of {name} ({path.name})", flush=True)
-        scores[name] = score_ppl(path, session.tokenizer, args)
+    source = {p["name"]: (p.get("extra") or {}).get("same_arch_as") or p["name"] for p in points}
+    source = {n: src for n, src in source.items() if src in files}
 
-    rows, scored = [], []
-    for p in points:
-        src = (p.get("extra") or {}).get("same_arch_as") or p["name"]
-        if src not in files:
-            continue
-        s, t = scores[src], timing[src]
-        fam = family_of(p)
-        rows.append({"name": p["name"], "family": fam, "same_as": None if src == p["name"] else src,
-                     "reference": _reference(p),
-                     "file": str(files[src]), "file_mb": round(files[src].stat().st_size / 1e6, 2),
-                     "ms": t["ms"], "ci_ms": t["ci_ms"], "ci_level": t["ci_level"], "rounds_ms": t["rounds_ms"],
-                     "ppl": s["ppl"], "run_ppl": p.get("ppl"), "run_ms": p.get("measured_ms")})
-        scored.append(Scored(p["name"], fam, t["ms"], s["ppl"], tuple(s["window_nll"])))
+    def compare(scores: dict[str, dict]):
+        rows, scored = [], []
+        for p in points:
+            src = source.get(p["name"])
+            if src is None or src not in scores:
+                continue
+            s, t = scores[src], timing[src]
+            fam = family_of(p)
+            rows.append({"name": p["name"], "family": fam, "same_as": None if src == p["name"] else src,
+                         "reference": _reference(p),
+                         "file": str(files[src]), "file_mb": round(files[src].stat().st_size / 1e6, 2),
+                         "ms": t["ms"], "ci_ms": t["ci_ms"], "ci_level": t["ci_level"], "rounds_ms": t["rounds_ms"],
+                         "ppl": s["ppl"], "ppl_windows": s["windows"], "run_ppl": p.get("ppl"),
+                         "run_ms": p.get("measured_ms")})
+            scored.append(Scored(p["name"], fam, t["ms"], s["ppl"], tuple(s["window_nll"])))
+        return rows, scored
+
+    def score_all(names, stride: int) -> dict[str, dict]:
+        out_scores = {}
+        for name in names:
+            print(f"perplexity of {name} ({files[name].name}), every {stride}-th window", flush=True)
+            out_scores[name] = score_ppl(files[name], session.tokenizer, args, stride)
+        return out_scores
+
+    select = args.select_stride if args.select_stride > args.ppl_stride else args.ppl_stride
+    coarse = score_all(files, select)
+    rows, scored = compare(coarse)
     presets = [r for r in rows if r["family"] == "preset"]
     original = next(r for r in rows if r["family"] == "original")
     lo = min(r["ms"] for r in presets) if presets else 0.5 * original["ms"]
     targets = targets_between(lo, original["ms"], args.targets)
     comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
+    if select != args.ppl_stride:  # the points the comparison rests on, on the finer windows
+        need = {source[n] for n in needed_names(comparisons, original["name"])}
+        fine = score_all(sorted(need), args.ppl_stride)
+        _, scored = compare(fine)
+        comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
+        for r in rows:
+            src = r["same_as"] or r["name"]
+            if src in fine:
+                r["ppl"], r["ppl_windows"] = fine[src]["ppl"], fine[src]["windows"]
     # the zero-shot suite for the points compared (the slow part: every task on llama.cpp's logits)
     compared = {original["name"]} | {e["point"]["name"] for c in comparisons for e in c["versus"].values() if e["point"]}
     compared |= {c["joint"]["name"] for c in comparisons if c["joint"]}
@@ -325,11 +404,12 @@ def main(argv: list[str] | None = None) -> dict:
         if r["name"] in compared:
             print(f"zero-shot of {r['name']}", flush=True)
             r["zero_shot"] = score_zero_shot(Path(r["file"]), session.tokenizer, args)
-    any_score = next(iter(scores.values()))
+    any_score = next(iter(coarse.values()))
     result = {
         "header": run_header(threads=args.threads, rounds=args.rounds, run=str(run), overrides=overrides,
-                             ppl=f"llama.cpp, WikiText-2 raw test, windows of {args.seq_len}, every "
-                                 f"{args.ppl_stride}-th: {any_score['windows']} of {any_score['of_windows']}",
+                             ppl=f"llama.cpp, WikiText-2 raw test, windows of {args.seq_len}: the compared points "
+                                 f"on every {args.ppl_stride}-th, the rest of the front on every {select}-th "
+                                 f"({any_score['windows']} of {any_score['of_windows']}; each row's ppl_windows)",
                              zero_shot={"tasks": args.tasks, "limit": args.limit, "piqa_limit": args.piqa_limit},
                              timing="llama.cpp decode, context 256, batch 1: median over interleaved rounds of "
                                     "each session's minimum; interval: order statistics of the median"),

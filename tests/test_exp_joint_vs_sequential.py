@@ -1,0 +1,71 @@
+"""The joint-vs-sequential experiment's bookkeeping: the run record that carries a front to another machine, and
+the points its comparison rests on (the ones scored on the whole test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from archquant.search.compare import Scored, compare_at_targets
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "exp_joint_vs_sequential.py"
+
+
+@pytest.fixture(scope="module")
+def exp():
+    spec = importlib.util.spec_from_file_location("exp_joint_vs_sequential", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _front(tmp_path: Path) -> tuple[Path, list[dict]]:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- preset=quick\n- run.distill=false\n- hydra.run.dir=x\n")
+    points = [{"name": "search@9ms", "source": "search", "arch": {"hidden": 576}},
+              {"name": "preset-Q4_0", "source": "preset", "extra": {"preset": "Q4_0", "gguf": "/gone/Q4_0.gguf"}}]
+    (run / "pareto.json").write_text(json.dumps({"points": points}))
+    return run, points
+
+
+def test_a_run_folder_leaves_a_record_that_stands_in_for_it(exp, tmp_path):
+    run, points = _front(tmp_path)
+    record = tmp_path / "results" / "exp.run.json"
+    got_run, overrides, got = exp.load_run(str(run), tmp_path / "out", [0.5], [], record)
+    assert got_run == run and overrides == ["preset=quick", "run.distill=false"] and got == points
+    assert json.loads(record.read_text()) == {"overrides": overrides, "points": points}
+    # on another machine: the record alone gives the same overrides and front (and a folder for the session)
+    again = exp.load_run(str(record), tmp_path / "elsewhere", [0.5], [], tmp_path / "unused.json")
+    assert again[1:] == (overrides, points) and again[0] == tmp_path / "elsewhere" / "run" and again[0].is_dir()
+    assert not (tmp_path / "unused.json").exists()
+
+
+def test_a_file_that_is_not_a_record_or_a_folder_without_a_front_is_refused_by_name(exp, tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"points": []}))
+    with pytest.raises(SystemExit, match="is not a run record"):
+        exp.load_run(str(bad), tmp_path, [0.5], [], tmp_path / "r.json")
+    run, _ = _front(tmp_path)
+    (run / "pareto.json").unlink()
+    with pytest.raises(SystemExit, match="has no pareto.json"):
+        exp.load_run(str(run), tmp_path, [0.5], [], tmp_path / "r.json")
+
+
+def test_the_compared_points_are_the_picks_each_familys_best_and_the_speedup_references(exp):
+    def pt(name, family, ms, ppl):
+        return Scored(name, family, ms, ppl, (ppl / 10, ppl / 10 + 1.0))
+
+    pts = [pt("joint-a", "joint", 9.0, 30.0), pt("joint-b", "joint", 11.0, 29.0),
+           pt("pq-fast", "prune_quantise", 8.0, 40.0), pt("pq-slow", "prune_quantise", 12.5, 35.0),
+           pt("seq", "sequential_search", 9.5, 33.0), pt("uni-w8", "uniform", 13.0, 28.5),
+           pt("uni-w4", "uniform", 8.5, 34.0), pt("Q4_0", "preset", 8.8, 36.0), pt("Q8_0", "preset", 13.5, 28.6),
+           pt("original", "original", 12.0, 28.4)]
+    comparisons = compare_at_targets(pts, [10.0, 11.5], 511)
+    # picks joint-a (10 ms) and joint-b (11.5 ms); at both targets pq-fast, seq and Q4_0 are their families' best;
+    # the fastest baseline as accurate as either pick is uni-w8, the fastest such preset the original
+    assert exp.needed_names(comparisons, "original") == {"joint-a", "joint-b", "pq-fast", "seq", "Q4_0", "uni-w8",
+                                                         "original"}
