@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads for scoring (default --threads)")
     ap.add_argument("--eval-only", action="store_true",
-                    help="score (and cache) every point, time nothing, write nothing to results/")
+                    help="score (and cache) every point, time nothing; write results/<--output>.json only if named")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--ppl-seq-len", type=int, default=512)
@@ -304,8 +304,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({k: v for k, v in row.items() if k not in ("zero_shot", "window_nll")}))
         _paired_with_original(rows, args.ppl_seq_len - 1)
         if args.eval_only:
-            print("--eval-only: scores cached, nothing timed")
-            return {"header": header, "points": rows}
+            untimed = {k: v for k, v in header.items() if k not in ("rounds", "statistic", "latency")}
+            result = {"header": {**untimed, "timing": None}, "points": rows}
+            if args.output:  # the scores alone (no timing, no plot): e.g. whole-test perplexities of the presets
+                atomic_write_json(ROOT / "results" / f"{args.output}.json", result)
+                print(f"--eval-only: nothing timed; wrote results/{args.output}.json")
+            else:
+                print("--eval-only: scores cached, nothing timed")
+            return result
         time_interleaved(rows, scen, args.rounds, args.threads)
         for row in rows:
             print(f"{row['name']:<24} " + "  ".join(f"{n} {row[n + '_ms']:.2f} ms" for n in scen))

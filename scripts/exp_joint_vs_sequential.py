@@ -101,11 +101,10 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     from archquant.engine.gguf_writer import export_gguf
 
     folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
+    files: dict[str, Path] = _preset_files([p for p in points if p["source"] == "preset"], session)
     for p in points:
         extra = p.get("extra") or {}
         if p["source"] == "preset":
-            files[p["name"]] = _preset_file(extra, session)
             continue
         if extra.get("same_arch_as") or p.get("arch") is None:
             continue
@@ -119,17 +118,30 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     return files
 
 
-def _preset_file(extra: dict, session) -> Path:
-    """A preset's GGUF, re-made by llama-quantize where the recorded file is missing (another machine)."""
+def _preset_files(points: list[dict], session) -> dict[str, Path]:
+    """``name -> GGUF`` of the preset points; files missing here (a record from another machine) are re-made by
+    llama-quantize into this machine's preset cache, all in one call."""
     from archquant.engine.presets import ORIGINAL, preset_files
+    from archquant.latency.loader import model_slug
+    from archquant.utils.paths import cache_dir
 
-    path = Path(extra["gguf"])
-    if path.is_file():
-        return path
-    if extra["preset"] == ORIGINAL:
-        return Path(session.gguf_source())
-    return preset_files(session.model, path.parent, [extra["preset"]], source_gguf=session.gguf_source(),
-                        tokenizer=session.tokenizer)[extra["preset"]]
+    out, missing = {}, {}
+    for p in points:
+        path = Path(p["extra"]["gguf"])
+        if path.is_file():
+            out[p["name"]] = path
+        elif p["extra"]["preset"] == ORIGINAL:
+            if session.gguf_source() is None:
+                raise SystemExit(f"{path} (the original file) is missing and {session.cfg.model.name} was not loaded "
+                                 "from a GGUF: run the experiment where the original is")
+            out[p["name"]] = Path(session.gguf_source())
+        else:
+            missing[p["extra"]["preset"]] = p["name"]
+    if missing:
+        made = preset_files(session.model, cache_dir() / "presets" / model_slug(session.cfg.model.name), list(missing),
+                            source_gguf=session.gguf_source(), tokenizer=session.tokenizer)
+        out.update({name: made[preset] for preset, name in missing.items()})
+    return out
 
 
 def load_run(run_arg: str | None, out: Path, fractions: list[float], extra: list[str], record: Path):
@@ -151,7 +163,7 @@ def load_run(run_arg: str | None, out: Path, fractions: list[float], extra: list
         overrides = run_searches(out, fractions, extra)
     if not (run / "pareto.json").is_file():
         raise SystemExit(f"{run} has no pareto.json: pass a finished archquant-run folder to --run, or leave --run out")
-    points = json.loads((run / "pareto.json").read_text())["points"]
+    points = [{**p, "reference": _reference(p)} for p in json.loads((run / "pareto.json").read_text())["points"]]
     record.parent.mkdir(exist_ok=True)
     atomic_write_json(record, {"overrides": overrides, "points": points})
     return run, overrides, points
@@ -170,6 +182,18 @@ def needed_names(comparisons: list[dict], original: str) -> set[str]:
             if ref:
                 names.add(ref["name"])
     return names
+
+
+def refine_scores(coarse: dict[str, dict], choose, score) -> dict[str, dict]:
+    """Finer scores for the points a choice rests on: ``choose(scores) -> names`` is made on the finer scores where
+    a point has them and the coarse ones elsewhere, and ``score(names)`` adds finer ones, until the choice needs
+    no point without them (a rival the coarse scores ranked out but the finer ones rank in is scored too)."""
+    fine: dict[str, dict] = {}
+    while True:
+        need = choose({n: fine.get(n, c) for n, c in coarse.items()})
+        if need <= fine.keys():
+            return fine
+        fine.update(score(sorted(need - fine.keys())))
 
 
 def score_ppl(path: Path, tok, args, stride: int | None = None) -> dict:
@@ -196,7 +220,10 @@ def score_zero_shot(path: Path, tok, args) -> dict:
 
 
 def _reference(point: dict) -> str | None:
-    """The reference a search's result was replaced by (the reference check, ``search.json``), if any."""
+    """The reference a search's result was replaced by (the reference check, ``search.json``), if any; a run
+    record carries it (``reference``), since its run folders stay on the machine that searched."""
+    if "reference" in point:
+        return point["reference"]
     path = Path(point.get("run_dir") or "/nonexistent") / "search.json"
     if not path.is_file():
         return None
@@ -329,8 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.scores:
         os.environ[SCORES_ENV] = str(Path(args.scores).resolve())
-    if args.ppl_stride < 1 or args.targets < 1 or args.rounds < 1:
-        ap.error("--ppl-stride, --targets and --rounds must be >= 1")
+    if min(args.ppl_stride, args.select_stride, args.targets, args.rounds) < 1:
+        ap.error("--ppl-stride, --select-stride, --targets and --rounds must be >= 1")
     args.limit, args.piqa_limit = args.limit or None, args.piqa_limit or None
     if args.markdown:
         path = ROOT / "results" / f"{args.output}.json"
@@ -356,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = {p["name"]: (p.get("extra") or {}).get("same_arch_as") or p["name"] for p in points}
     source = {n: src for n, src in source.items() if src in files}
 
-    def compare(scores: dict[str, dict]):
+    def compare(scores: dict[str, dict], paired: bool = True):
         rows, scored = [], []
         for p in points:
             src = source.get(p["name"])
@@ -370,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "ms": t["ms"], "ci_ms": t["ci_ms"], "ci_level": t["ci_level"], "rounds_ms": t["rounds_ms"],
                          "ppl": s["ppl"], "ppl_windows": s["windows"], "run_ppl": p.get("ppl"),
                          "run_ms": p.get("measured_ms")})
-            scored.append(Scored(p["name"], fam, t["ms"], s["ppl"], tuple(s["window_nll"])))
+            scored.append(Scored(p["name"], fam, t["ms"], s["ppl"], tuple(s["window_nll"]) if paired else None))
         return rows, scored
 
     def score_all(names, stride: int) -> dict[str, dict]:
@@ -380,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
             out_scores[name] = score_ppl(files[name], session.tokenizer, args, stride)
         return out_scores
 
-    select = args.select_stride if args.select_stride > args.ppl_stride else args.ppl_stride
+    # coarse windows are a subset of the fine ones (their scores are reused): a multiple of --ppl-stride
+    select = max(1, -(-args.select_stride // args.ppl_stride)) * args.ppl_stride
     coarse = score_all(files, select)
     rows, scored = compare(coarse)
     presets = [r for r in rows if r["family"] == "preset"]
@@ -388,9 +416,14 @@ def main(argv: list[str] | None = None) -> dict:
     lo = min(r["ms"] for r in presets) if presets else 0.5 * original["ms"]
     targets = targets_between(lo, original["ms"], args.targets)
     comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
-    if select != args.ppl_stride:  # the points the comparison rests on, on the finer windows
-        need = {source[n] for n in needed_names(comparisons, original["name"])}
-        fine = score_all(sorted(need), args.ppl_stride)
+    if select != args.ppl_stride:
+        # the points the comparison rests on, on the finer windows (refine_scores)
+        def choose(scores: dict[str, dict]) -> set[str]:
+            _, mixed = compare(scores, paired=False)
+            return {source[n] for n in needed_names(compare_at_targets(mixed, targets, args.seq_len - 1),
+                                                    original["name"])}
+
+        fine = refine_scores(coarse, choose, lambda names: score_all(names, args.ppl_stride))
         _, scored = compare(fine)
         comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
         for r in rows:
@@ -407,9 +440,10 @@ def main(argv: list[str] | None = None) -> dict:
     any_score = next(iter(coarse.values()))
     result = {
         "header": run_header(threads=args.threads, rounds=args.rounds, run=str(run), overrides=overrides,
-                             ppl=f"llama.cpp, WikiText-2 raw test, windows of {args.seq_len}: the compared points "
-                                 f"on every {args.ppl_stride}-th, the rest of the front on every {select}-th "
-                                 f"({any_score['windows']} of {any_score['of_windows']}; each row's ppl_windows)",
+                             ppl=f"llama.cpp, WikiText-2 raw test, windows of {args.seq_len}: the points the "
+                                 f"comparisons rest on (and only they are compared) on every {args.ppl_stride}-th, "
+                                 f"the rest of the front on every {select}-th ({any_score['windows']} of "
+                                 f"{any_score['of_windows']} windows); each row's ppl_windows says which",
                              zero_shot={"tasks": args.tasks, "limit": args.limit, "piqa_limit": args.piqa_limit},
                              timing="llama.cpp decode, context 256, batch 1: median over interleaved rounds of "
                                     "each session's minimum; interval: order statistics of the median"),

@@ -36,6 +36,8 @@ def test_a_run_folder_leaves_a_record_that_stands_in_for_it(exp, tmp_path):
     run, points = _front(tmp_path)
     record = tmp_path / "results" / "exp.run.json"
     got_run, overrides, got = exp.load_run(str(run), tmp_path / "out", [0.5], [], record)
+    # each point also carries the reference its search was replaced by (read from its run folder, here none)
+    points = [{**p, "reference": None} for p in points]
     assert got_run == run and overrides == ["preset=quick", "run.distill=false"] and got == points
     assert json.loads(record.read_text()) == {"overrides": overrides, "points": points}
     # on another machine: the record alone gives the same overrides and front (and a folder for the session)
@@ -69,3 +71,22 @@ def test_the_compared_points_are_the_picks_each_familys_best_and_the_speedup_ref
     # the fastest baseline as accurate as either pick is uni-w8, the fastest such preset the original
     assert exp.needed_names(comparisons, "original") == {"joint-a", "joint-b", "pq-fast", "seq", "Q4_0", "uni-w8",
                                                          "original"}
+
+
+def test_finer_scores_follow_the_choice_until_it_needs_no_coarse_point(exp):
+    """The coarse windows rank 'a' first, the finer ones rank it behind 'b': 'b' is scored finely too, and the
+    choice settles on points that all have finer scores; 'c' (never a contender) is not rescored."""
+    coarse = {"a": {"ppl": 30.0}, "b": {"ppl": 31.0}, "c": {"ppl": 40.0}}
+    finer = {"a": {"ppl": 32.0}, "b": {"ppl": 31.5}, "c": {"ppl": 39.0}}
+    asked = []
+
+    def choose(scores):
+        return {min(scores, key=lambda n: scores[n]["ppl"])}
+
+    def score(names):
+        asked.append(names)
+        return {n: finer[n] for n in names}
+
+    fine = exp.refine_scores(coarse, choose, score)
+    assert asked == [["a"], ["b"]] and set(fine) == {"a", "b"}
+    assert exp._reference({"reference": "uniform-w8", "run_dir": "/elsewhere"}) == "uniform-w8"

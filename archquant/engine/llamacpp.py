@@ -89,23 +89,32 @@ def _check_amx(llama_cpp, probe: str = _PROBE) -> None:
     from archquant.utils.io import atomic_write_json
     from archquant.utils.paths import cache_dir
 
-    key = hashlib.sha256(json.dumps([llama_cpp_version(), info, _cpu_model(), probe]).encode()).hexdigest()[:16]
-    verdict = cache_dir() / "llamacpp_probe" / f"{key}.json"
+    # a reinstall (another build of the same version) rewrites the package: its files' times are in the key
+    build = sorted((f.name, f.stat().st_mtime_ns) for f in Path(llama_cpp.__file__).parent.rglob("*.so*"))
+    key = [llama_cpp_version(), info, _cpu_model(), probe, build]
+    verdict = cache_dir() / "llamacpp_probe" / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     if verdict.is_file():
         ok = json.loads(verdict.read_text())["ok"]
     else:
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, _PROBE_ENV: "1"})
+        try:
+            proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, _PROBE_ENV: "1"})
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError("the llama.cpp probe (a tiny model decoded in a child process) did not finish in "
+                               "10 minutes") from err
         if proc.returncode not in (0, -signal.SIGILL):
             raise RuntimeError(f"the llama.cpp probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
         ok = proc.returncode == 0
-        verdict.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(verdict, {"ok": ok, "system_info": info, "cpu": _cpu_model()})
+        try:  # a cache that cannot be written costs a probe per process, nothing else
+            verdict.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(verdict, {"ok": ok, "system_info": info, "cpu": _cpu_model()})
+        except OSError:
+            pass
     if not ok:
         raise LlamaCppMissingError(
             "this llama-cpp-python build uses AMX tile instructions (its system info: AMX_INT8 = 1) that this machine "
             "does not run: llama.cpp dies with SIGILL at its first matmul (a virtual machine whose CPU reports AMX). "
-            f"Rebuild it without AMX: {AMX_REBUILD}")
+            f"Rebuild it without AMX: {AMX_REBUILD}  (verdict kept in {verdict})")
     _AMX_OK = True
 
 

@@ -51,7 +51,8 @@ def cache_path(path: str | Path, seq_len: int) -> Path:
 
 
 def _save(cache: Path, rec: dict, path: Path, seq_len: int) -> None:
-    rec.setdefault("key", _key(path, seq_len))
+    if "key" not in rec:  # hashing the GGUF and the text is not free: once per record
+        rec["key"] = _key(path, seq_len)
     rec["file"] = path.name
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache, rec)
