@@ -198,6 +198,7 @@ class LlamaCppRunner:
         self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=int(n_batch), embd=0, n_seq_max=1, verbose=False)
         self.n_ctx = int(n_ctx)
+        self._cached: list[int] = []  # token ids whose KV entries the cache holds (``logits_from``)
         self.n_batch = int(n_batch)
         self.n_threads = int(n_threads)
         self.kv_type = kv_type
@@ -262,9 +263,8 @@ class LlamaCppRunner:
         ids = self._check_ids(ids)
         if not 0 <= first < len(ids):
             raise ValueError(f"first={first} must index one of the {len(ids)} positions")
-        cached = getattr(self, "_cached", [])
         keep = 0
-        for a, b in zip(cached, ids[:first]):  # positions >= first need logits, so they are decoded again
+        for a, b in zip(self._cached, ids[:first]):  # positions >= first need logits, so they are decoded again
             if a != b:
                 break
             keep += 1
