@@ -53,8 +53,14 @@ def _load_points(args) -> list[dict]:
         data = json.loads(Path(args.pareto).read_text())
         items = data.get("points", data) if isinstance(data, dict) else data
         base = Path(args.pareto).parent
+        wanted = set(args.points or [])
+        unknown = wanted - {str(p.get("name") or p.get("label") or f"pareto-{i}") for i, p in enumerate(items)}
+        if unknown:
+            raise SystemExit(f"bench_llamacpp: --points {sorted(unknown)} are not in {args.pareto}")
         for i, p in enumerate(items):
             name = str(p.get("name") or p.get("label") or f"pareto-{i}")
+            if wanted and name not in wanted:
+                continue
             export = p.get("export_dir") or p.get("export")
             arch = p.get("arch_path") or p.get("arch")
             if export:
@@ -75,7 +81,8 @@ def _load_points(args) -> list[dict]:
     for path in args.archs or []:
         points.append({"name": Path(path).parent.name or Path(path).stem, "arch": Arch.load(path), "record": {}})
     for folder in args.exports or []:
-        points.append({"name": Path(folder).name, "gguf": _gguf_in(Path(folder)), "record": {}})
+        name = Path(folder).stem if Path(folder).suffix == ".gguf" else Path(folder).name
+        points.append({"name": name, "gguf": _gguf_in(Path(folder)), "record": {}})
     return points
 
 
@@ -199,8 +206,11 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pareto", help="pareto.json: points with 'export_dir' or 'arch' / 'arch_path'")
+    ap.add_argument("--points", nargs="*", help="only these points of --pareto (by name)")
     ap.add_argument("--archs", nargs="*", help="arch.json files")
     ap.add_argument("--exports", nargs="*", help="export folders (or .gguf files)")
+    ap.add_argument("--keep-exports", metavar="DIR",
+                    help="write the GGUFs of architectures to DIR/<name>.gguf (kept; later runs pass them as --exports)")
     ap.add_argument("--random", type=int, default=0, help="add N random subnets of the llama.cpp space")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-original", action="store_true", help="skip the original Q4_1 GGUF")
@@ -230,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.ppl_windows, args.limit, args.tasks, args.rounds = 2, 20, ["piqa"], 2
     args.ppl_windows = args.ppl_windows or None
+    if args.keep_exports:
+        Path(args.keep_exports).mkdir(parents=True, exist_ok=True)
     args.eval_threads = args.eval_threads or args.threads
     torch.set_num_threads(args.threads)
 
@@ -294,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
             arch = None
             if "arch" in p:
                 arch = _for_llamacpp(Arch.full(space) if p["arch"] == "full" else p["arch"], space)
-            path = p.get("gguf") or export_gguf(materialize(sn, arch), Path(tmp) / f"{i:03d}.gguf", **src)
+            out = Path(args.keep_exports) / f"{p['name']}.gguf" if args.keep_exports else Path(tmp) / f"{i:03d}.gguf"
+            path = p.get("gguf") or export_gguf(materialize(sn, arch), out, **src)
             print(f"{p['name']}: {arch.summary() if arch else path}")
             row = {"name": p["name"], "kind": p.get("kind", "archquant"), **p.get("record", {}),
                    **evaluate_gguf(Path(path), tok, args, tables, arch)}

@@ -7,13 +7,9 @@ import pytest
 from archquant.commands.session import Session
 from archquant.core.arch import Arch
 from archquant.search.allocate import allocate, base_arch, bits_gates, measure, quantised_choices, refine
-from tests._tiny import TINY_OVERRIDES, compose_config, one_thread
+from tests._tiny import TINY_OVERRIDES, compose_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

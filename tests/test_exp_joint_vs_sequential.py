@@ -3,7 +3,6 @@ the points its comparison rests on (the ones scored on the whole test)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,15 +10,12 @@ import pytest
 
 from archquant.search.compare import Scored, compare_at_targets
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "exp_joint_vs_sequential.py"
+SCRIPT = "exp_joint_vs_sequential"
 
 
 @pytest.fixture(scope="module")
-def exp():
-    spec = importlib.util.spec_from_file_location("exp_joint_vs_sequential", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def exp(script):
+    return script
 
 
 def _front(tmp_path: Path) -> tuple[Path, list[dict]]:

@@ -15,15 +15,12 @@ from archquant.quant import gguf as quant
 from archquant.quant.gguf import memo
 from archquant.supernet import Arch, build, materialize
 from archquant.utils.errors import InputError
-from tests._tiny import one_thread, tiny_space, token_ids
+from tests._tiny import tiny_space, token_ids
 
 TOL = 1e-4  # supernet vs materialised logits in fp32 (test_supernet_exact's tolerance)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

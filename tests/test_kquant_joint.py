@@ -20,15 +20,12 @@ from archquant.latency.model import LatencyModel
 from archquant.latency.table import LatencyTable
 from archquant.quant import gguf as quant
 from archquant.supernet import Arch, build, materialize
-from tests._tiny import one_thread, tiny_space, token_ids
+from tests._tiny import tiny_space, token_ids
 
 TOL = 1e-4  # as tests/test_supernet_exact.py: the sliced path differs from the materialised model by 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

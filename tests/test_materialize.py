@@ -13,13 +13,9 @@ from archquant.models.fake_quant_linear import FakeQuantLinear
 from archquant.models.hetero import ArchQuantConfig, ArchQuantForCausalLM
 from archquant.quant.reference import fake_quant_act, fake_quant_weight
 from archquant.supernet import Arch, ArchError, build, materialize
-from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import tiny_model, tiny_space, token_ids
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

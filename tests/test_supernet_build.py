@@ -14,13 +14,9 @@ from archquant.supernet import Arch, ArchError, GateError, SpaceError, Unsupport
 from archquant.supernet import importance as importance_mod
 from archquant.supernet.importance import compute_importance, depth_logits, load_or_compute
 from archquant.supernet.permute import make_permutation, permute_state
-from tests._tiny import one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import tiny_model, tiny_space, token_ids
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture

@@ -13,15 +13,12 @@ from archquant.models.fake_quant_linear import FakeQuantLinear
 from archquant.quant.reference import fake_quant_act as ref_fake_quant_act
 from archquant.supernet import Arch, build, materialize
 from archquant.supernet.linear import ElasticLinear
-from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import CountLinear, tiny_model, tiny_space, token_ids
 
 TOL = 1e-4  # fp32; observed differences are 0 (sliced path) to ~1e-6 (masked path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from archquant.supernet import Arch, GateError, build, materialize
-from tests._tiny import CountLinear, one_thread, tiny_model, tiny_space, token_ids
+from tests._tiny import CountLinear, tiny_model, tiny_space, token_ids
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture

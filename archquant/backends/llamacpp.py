@@ -65,6 +65,15 @@ def stored_type(qtype: str, row: int | None, fallback: bool = True) -> str:
     return alt
 
 
+def _storable(qtype: str, row: int, fallback: bool) -> bool:
+    """Whether a tensor of input length ``row`` can hold the choice ``qtype`` (itself or its fallback)."""
+    try:
+        stored_type(qtype, row, fallback)
+    except BackendError:
+        return False
+    return True
+
+
 def linear_rows(space) -> dict[str, set[int]]:
     """Every input length (row) the space can give each kind of linear."""
     hd = space.head_dim[0] if space.head_dim else space.fingerprint["head_dim"]
@@ -205,10 +214,8 @@ class LlamaCppBackend(Backend):
             if bits in lm_bits:
                 checks["lm_head"] = set(space.hidden)
             for lin, lengths in checks.items():
-                bad = sorted(k for k in lengths if k % bs)
-                fits = bad and self.fallback and FALLBACK.get(qtype) and all(k % quant.block_size(FALLBACK[qtype]) == 0
-                                                                            for k in bad)
-                if bad and not fits:
+                bad = sorted(k for k in lengths if not _storable(qtype, k, self.fallback))
+                if bad:
                     ok = [t for t in quant.QUANT_TYPES if all(k % quant.block_size(t) == 0 for k in lengths)]
                     how = (f"latency.fallback=true stores {FALLBACK[qtype]} there, as llama.cpp does; or "
                            if not self.fallback and qtype in FALLBACK else "")

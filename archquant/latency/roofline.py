@@ -52,7 +52,7 @@ def measure_roofline(device: str = "cpu", dtype: torch.dtype = torch.float32) ->
     elt = torch.empty((), dtype=dtype).element_size()
     with torch.inference_mode():
         big = torch.ones(64 << 20, device=dev, dtype=dtype)  # 256 MB fp32: 8x a 32 MB LLC
-        bw = big.numel() * elt / (time_op_ms(lambda: big.sum(), dev, 0.3) * 1e-3) / 1e9
+        bw = big.numel() * elt / (time_op_ms(big.sum, dev, 0.3) * 1e-3) / 1e9
         del big
         n = 2048 if dev.type == "cuda" else 1024
         a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
