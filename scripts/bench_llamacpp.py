@@ -119,8 +119,12 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
             out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
     t0 = time.perf_counter()
     windows = None if args.ppl_windows is None else list(range(args.ppl_windows))
-    ppl = gguf_scores.perplexity(path, tok, windows, seq_len=args.ppl_seq_len, threads=args.eval_threads)
-    scores: dict = {"wikitext2_ppl": round(ppl["ppl"], 4), "ppl_tokens": ppl["tokens"], "window_nll": ppl["window_nll"]}
+    lacking = gguf_scores.unscored(path, tok, windows, seq_len=args.ppl_seq_len) if args.scored_only else 0
+    if lacking:  # --scored-only: a file whose record lacks windows keeps no perplexity rather than a partial one
+        scores: dict = {"wikitext2_ppl": None, "ppl_windows_unscored": lacking}
+    else:
+        ppl = gguf_scores.perplexity(path, tok, windows, seq_len=args.ppl_seq_len, threads=args.eval_threads)
+        scores = {"wikitext2_ppl": round(ppl["ppl"], 4), "ppl_tokens": ppl["tokens"], "window_nll": ppl["window_nll"]}
     if args.tasks:
         zs = gguf_scores.zero_shot(path, tok, [(t, args.limit) for t in args.tasks], seq_len=args.ppl_seq_len,
                                    threads=args.eval_threads)
@@ -180,7 +184,7 @@ def _plot(rows: list[dict], path: Path) -> None:
                  "archquant": ("o", "tab:blue", "archquant point")}
         seen = set()
         for r in rows:
-            if key not in r or "wikitext2_ppl" not in r:
+            if key not in r or r.get("wikitext2_ppl") is None:
                 continue
             marker, color, label = style.get(r.get("kind", "archquant"), style["archquant"])
             ci = r.get(key.replace("_ms", "_ci_ms"))
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-threads", type=int, default=None, help="llama.cpp threads for scoring (default --threads)")
     ap.add_argument("--eval-only", action="store_true",
                     help="score (and cache) every point, time nothing; write results/<--output>.json only if named")
+    ap.add_argument("--scored-only", action="store_true",
+                    help="score no new windows: a file whose score record lacks some gets no perplexity (time it anyway)")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=128)
     ap.add_argument("--ppl-seq-len", type=int, default=512)
