@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.refit and args.backend != "llamacpp":
         ap.error("--refit re-analyses a --backend llamacpp output; pass --backend llamacpp")
     if args.backend == "llamacpp":
-        return main_llamacpp(args, out.with_name(out.name.replace("bench_latency_model", "bench_latency_model.llamacpp")), log)
+        if not out.name.startswith("bench_latency_model.llamacpp"):  # the torch runtime's default name, marked
+            out = out.with_name(out.name.replace("bench_latency_model", "bench_latency_model.llamacpp"))
+        return main_llamacpp(args, out, log)
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model, _ = load_model(args.model, dtype=dtype, device=args.device)
