@@ -177,27 +177,34 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    style = {"original": ("*", "tab:red", "original file"), "preset": ("s", "tab:orange", "llama-quantize preset"),
+             "archquant": ("o", "tab:blue", "archquant point")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "decode_ms", "decode ms/token"), (axes[1], "prefill_ms", "prefill ms")):
-        style = {"original": ("*", "tab:red", "original file"), "preset": ("s", "tab:orange", "llama-quantize preset"),
-                 "archquant": ("o", "tab:blue", "archquant point")}
+    for ax, key, axis_label in ((axes[0], "decode_ms", "decode ms/token"), (axes[1], "prefill_ms", "prefill ms")):
+        shown = sorted((r for r in rows if key in r and r.get("wikitext2_ppl") is not None),
+                       key=lambda r: r["wikitext2_ppl"])
         seen = set()
-        for r in rows:
-            if key not in r or r.get("wikitext2_ppl") is None:
-                continue
-            marker, color, label = style.get(r.get("kind", "archquant"), style["archquant"])
+        for i, r in enumerate(shown):
+            marker, color, kind_label = style.get(r.get("kind", "archquant"), style["archquant"])
             ci = r.get(key.replace("_ms", "_ci_ms"))
             if ci:
                 ax.errorbar(r[key], r["wikitext2_ppl"], xerr=[[r[key] - ci[0]], [ci[1] - r[key]]], fmt="none",
                             ecolor="0.5", elinewidth=1, capsize=2)
             ax.scatter(r[key], r["wikitext2_ppl"], s=20 + r["file_mb"], marker=marker, color=color, alpha=0.8,
-                       label=None if label in seen else label)
-            seen.add(label)
-            ax.annotate(r["name"], (r[key], r["wikitext2_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(f"llama.cpp {label} (median of session minima)")
+                       label=None if kind_label in seen else kind_label)
+            seen.add(kind_label)
+            # neighbours in perplexity alternate above / below their marker, so near-ties stay readable
+            ax.annotate(r["name"], (r[key], r["wikitext2_ppl"]), fontsize=7, xytext=(4, 3 if i % 2 else -9),
+                        textcoords="offset points")
+        ax.set_xlabel(f"llama.cpp {axis_label} (median of session minima)")
         ax.set_ylabel("WikiText-2 perplexity")
-        ax.set_yscale("log")
+        ppls = [r["wikitext2_ppl"] for r in shown]
+        if ppls and max(ppls) > 3 * min(ppls):  # a collapsed point would squash the others on a linear axis
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("llama.cpp on this CPU (marker area ~ GGUF MB)")
