@@ -53,12 +53,12 @@ def _load_points(args) -> list[dict]:
         data = json.loads(Path(args.pareto).read_text())
         items = data.get("points", data) if isinstance(data, dict) else data
         base = Path(args.pareto).parent
+        names = [str(p.get("name") or p.get("label") or f"pareto-{i}") for i, p in enumerate(items)]
         wanted = set(args.points or [])
-        unknown = wanted - {str(p.get("name") or p.get("label") or f"pareto-{i}") for i, p in enumerate(items)}
+        unknown = wanted - set(names)
         if unknown:
-            raise SystemExit(f"bench_llamacpp: --points {sorted(unknown)} are not in {args.pareto}")
-        for i, p in enumerate(items):
-            name = str(p.get("name") or p.get("label") or f"pareto-{i}")
+            raise SystemExit(f"bench_llamacpp: --points {sorted(unknown)} are not in {args.pareto} (it has {names})")
+        for name, p in zip(names, items):
             if wanted and name not in wanted:
                 continue
             export = p.get("export_dir") or p.get("export")
@@ -77,7 +77,7 @@ def _load_points(args) -> list[dict]:
             elif p.get("source") == "full":
                 points.append({"name": name, "arch": "full", "record": {}})  # the original shape, resolved below
             else:
-                raise SystemExit(f"bench_llamacpp: pareto point {i} has neither 'export_dir' nor 'arch' ('arch_path')")
+                raise SystemExit(f"bench_llamacpp: pareto point {name!r} has neither 'export_dir' nor 'arch' ('arch_path')")
     for path in args.archs or []:
         points.append({"name": Path(path).parent.name or Path(path).stem, "arch": Arch.load(path), "record": {}})
     for folder in args.exports or []:
@@ -119,11 +119,11 @@ def evaluate_gguf(path: Path, tok, args, tables: dict, arch=None) -> dict:
             out[f"{name}_predicted_ms"] = round(lm.predict_ms(arch), 3)
     t0 = time.perf_counter()
     windows = None if args.ppl_windows is None else list(range(args.ppl_windows))
-    lacking = gguf_scores.unscored(path, tok, windows, seq_len=args.ppl_seq_len) if args.scored_only else 0
-    if lacking:  # --scored-only: a file whose record lacks windows keeps no perplexity rather than a partial one
-        scores: dict = {"wikitext2_ppl": None, "ppl_windows_unscored": lacking}
+    ppl = gguf_scores.perplexity(path, tok, windows, seq_len=args.ppl_seq_len, threads=args.eval_threads,
+                                 score_missing=not args.scored_only)
+    if ppl["ppl"] is None:  # --scored-only: a file whose record lacks windows keeps no perplexity, not a partial one
+        scores: dict = {"wikitext2_ppl": None, "ppl_windows_unscored": ppl["unscored"]}
     else:
-        ppl = gguf_scores.perplexity(path, tok, windows, seq_len=args.ppl_seq_len, threads=args.eval_threads)
         scores = {"wikitext2_ppl": round(ppl["ppl"], 4), "ppl_tokens": ppl["tokens"], "window_nll": ppl["window_nll"]}
     if args.tasks:
         zs = gguf_scores.zero_shot(path, tok, [(t, args.limit) for t in args.tasks], seq_len=args.ppl_seq_len,
@@ -217,7 +217,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pareto", help="pareto.json: points with 'export_dir' or 'arch' / 'arch_path'")
-    ap.add_argument("--points", nargs="*", help="only these points of --pareto (by name)")
+    ap.add_argument("--points", nargs="+", help="only these points of --pareto (by name)")
     ap.add_argument("--archs", nargs="*", help="arch.json files")
     ap.add_argument("--exports", nargs="*", help="export folders (or .gguf files)")
     ap.add_argument("--keep-exports", metavar="DIR",
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.scores:
         os.environ[SCORES_ENV] = str(Path(args.scores).resolve())
+    if args.points and not args.pareto:
+        ap.error("--points picks points of a front: pass the front with --pareto <run>/pareto.json")
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.quick:

@@ -52,3 +52,9 @@ def test_kept_gguf_export_is_named_by_its_stem(bench, tmp_path):
     points = bench._load_points(_args(exports=[str(gguf), str(tmp_path / "folder")]))
     assert [(p["name"], p["gguf"]) for p in points] == [("search@9ms", gguf),
                                                         ("folder", tmp_path / "folder" / "model.gguf")]
+
+
+def test_points_without_a_front_fail_naming_pareto(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--points", "full"])
+    assert "pass the front with --pareto" in capsys.readouterr().err

@@ -255,10 +255,13 @@ def test_gguf_scores_are_cached_per_window_and_per_task(tiny, tmp_path, monkeypa
     more = gguf_scores.perplexity(path, tok, [1, 3, 5], seq_len=64, log=lambda m: None)
     assert more["window_nll"][0] == 123.0 and more["window_nll"][1] == first["window_nll"][0]
     assert sorted(gguf_scores.load(cache)["window_nll"]) == ["1", "3", "5"]
-    assert gguf_scores.unscored(path, tok, [5, 3, 1], seq_len=64) == 0
-    assert gguf_scores.unscored(path, tok, [1, 2, 4], seq_len=64) == 2
-    n = gguf_scores.perplexity(path, tok, [1], seq_len=64, log=lambda m: None)["of_windows"]
-    assert gguf_scores.unscored(path, tok, seq_len=64) == n - 3  # None: the whole test
+    recorded = gguf_scores.perplexity(path, tok, [5, 3, 1], seq_len=64, score_missing=False)
+    assert recorded["unscored"] == 0 and recorded["window_nll"] == [more["window_nll"][i] for i in (2, 1, 0)]
+    lacking = gguf_scores.perplexity(path, tok, [1, 2, 4], seq_len=64, score_missing=False)
+    assert lacking["unscored"] == 2 and lacking["ppl"] is None and lacking["window_nll"] is None
+    whole = gguf_scores.perplexity(path, tok, seq_len=64, score_missing=False)  # None: the whole test
+    assert whole["unscored"] == whole["of_windows"] - 3 and whole["ppl"] is None
+    assert sorted(gguf_scores.load(cache)["window_nll"]) == ["1", "3", "5"]  # nothing was scored
     with pytest.raises(ValueError, match="outside the"):
         gguf_scores.perplexity(path, tok, [10**7], seq_len=64)
     zs = gguf_scores.zero_shot(path, tok, [("piqa", 3)], seq_len=512, log=lambda m: None)  # byte tokens: long rows

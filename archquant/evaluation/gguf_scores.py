@@ -63,51 +63,38 @@ def load(cache: Path) -> dict:
     return json.loads(cache.read_text()) if cache.is_file() else {"window_nll": {}, "zero_shot": {}}
 
 
-def _ppl_file() -> Path:
-    from archquant.data.config import DataConfig
-    from archquant.data.files import resolve_data_path
-
-    return resolve_data_path(DataConfig(), "ppl_file")
-
-
-def _windows(cache: Path, tokenizer, windows: list[int] | None, seq_len: int) -> tuple[list[int], list[int], int]:
-    """(wanted windows, those the record lacks, windows in the test) for ``windows`` (None: the whole test)."""
-    from archquant.evaluation.perplexity import window_count
-
-    n = window_count(tokenizer, _ppl_file(), seq_len)
-    wanted = list(range(n)) if windows is None else [int(w) for w in windows]
-    bad = [w for w in wanted if not 0 <= w < n]
-    if bad:
-        raise ValueError(f"windows {bad[:5]} are outside the {n} windows of {seq_len} tokens")
-    done = load(cache)["window_nll"]
-    return wanted, [w for w in wanted if str(w) not in done], n
-
-
-def unscored(path: str | Path, tokenizer, windows: list[int] | None = None, *, seq_len: int = 512) -> int:
-    """How many of ``windows`` (None: the whole test) the file's record still lacks: 0 when ``perplexity`` would
-    score nothing."""
-    return len(_windows(cache_path(path, seq_len), tokenizer, windows, seq_len)[1])
-
-
 def perplexity(path: str | Path, tokenizer, windows: list[int] | None = None, *, seq_len: int = 512, threads: int = 2,
-               chunk: int = 8, log: Callable[[str], None] = print) -> dict:
+               chunk: int = 8, log: Callable[[str], None] = print, score_missing: bool = True) -> dict:
     """llama.cpp perplexity of a GGUF on WikiText-2 windows of ``seq_len`` tokens, every window cached.
 
     Args:
         windows: window indices (None: the whole test).
         chunk: windows scored between cache writes.
+        score_missing: False scores nothing: when the record lacks some of ``windows``, ``ppl``, ``window_nll``
+            and ``tokens`` are None (``unscored`` says how many it lacks).
 
     Returns:
-        ``{"ppl", "window_nll" (in ``windows`` order), "windows", "of_windows", "tokens"}``.
+        ``{"ppl", "window_nll" (in ``windows`` order), "windows", "of_windows", "tokens", "unscored"}``.
     """
+    from archquant.data.config import DataConfig
+    from archquant.data.files import resolve_data_path
     from archquant.engine.llamacpp import open_gguf_lm
     from archquant.evaluation.perplexity import perplexity as score
+    from archquant.evaluation.perplexity import window_count
 
     path = Path(path)
     cache = cache_path(path, seq_len)
-    wanted, missing, n = _windows(cache, tokenizer, windows, seq_len)
-    ppl_file = _ppl_file()
     rec = load(cache)
+    ppl_file = resolve_data_path(DataConfig(), "ppl_file")
+    n = window_count(tokenizer, ppl_file, seq_len)
+    wanted = list(range(n)) if windows is None else [int(w) for w in windows]
+    bad = [w for w in wanted if not 0 <= w < n]
+    if bad:
+        raise ValueError(f"windows {bad[:5]} are outside the {n} windows of {seq_len} tokens")
+    missing = [w for w in wanted if str(w) not in rec["window_nll"]]
+    if missing and not score_missing:
+        return {"ppl": None, "window_nll": None, "windows": len(wanted), "of_windows": n, "tokens": None,
+                "unscored": len(missing)}
     if missing:
         lm = open_gguf_lm(path, seq_len=seq_len, n_threads=threads)
         try:
@@ -125,7 +112,7 @@ def perplexity(path: str | Path, tokenizer, windows: list[int] | None = None, *,
     nll = [rec["window_nll"][str(w)] for w in wanted]
     tokens = len(nll) * (seq_len - 1)
     return {"ppl": math.exp(math.fsum(nll) / tokens), "window_nll": nll, "windows": len(wanted), "of_windows": n,
-            "tokens": tokens}
+            "tokens": tokens, "unscored": 0}
 
 
 def zero_shot(path: str | Path, tokenizer, jobs: list[tuple[str, int | None]], *, seq_len: int = 512,
