@@ -76,15 +76,20 @@ def token_ids(rows: int = 2, seq: int = 16, seed: int = 0, vocab: int = VOCAB) -
 
 
 @contextlib.contextmanager
-def one_thread():
-    """Run tiny models on one intra-op thread (restored afterwards): they gain nothing from more, and on a
-    shared, loaded machine thread hand-offs dominate their run time."""
+def torch_threads(n: int):
+    """``n`` intra-op threads inside the block, the previous count restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def one_thread():
+    """Run tiny models on one intra-op thread (restored afterwards): they gain nothing from more, and on a
+    shared, loaded machine thread hand-offs dominate their run time."""
+    return torch_threads(1)
 
 
 class CountLinear(TorchFunctionMode):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from _tiny import TINY_OVERRIDES as TINY
-from _tiny import budget_between, tiny_feasible
+from _tiny import budget_between, tiny_feasible, torch_threads
 from _tiny import compose_config as _cfg
 
 
@@ -83,20 +83,14 @@ def _record(folder, name):
 @pytest.mark.slow
 def test_the_same_search_twice_gives_the_same_architecture_on_smollm2(tmp_path):
     """The main job's search (llama.cpp latency, the quick preset's settings), twice from scratch."""
-    import torch
-
     from archquant.commands.search import search_job
     from archquant.commands.session import Session
 
     ov = ["preset=quick", "search.steps=8", "logger=none", "trainer.num_threads=2"]
     # the budget sits inside whatever table this machine loads for 2 threads (the table is chosen by the thread
     # count, which the search sets from trainer.num_threads); a fixed 12 ms lay above one machine's full model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         feasible = Session.load(_cfg(ov, tmp_path)).feasible()
-    finally:
-        torch.set_num_threads(threads)
     ov.append(f"budget.latency_ms={_budget(feasible, 0.6)}")
     search_job(_cfg(ov, tmp_path / "a"), progress=False)
     search_job(_cfg(ov, tmp_path / "b"), progress=False)
