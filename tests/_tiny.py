@@ -3,8 +3,6 @@ command run on the tiny model (overrides, composition, budgets inside its feasib
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -14,6 +12,7 @@ from archquant.cli import CONFIG_DIR
 from archquant.config import register_configs, to_object
 from archquant.core.space import SpaceConfig
 from archquant.models.tiny import tiny_llama
+from archquant.utils.env import torch_threads
 
 VOCAB = 256
 
@@ -73,17 +72,6 @@ def token_ids(rows: int = 2, seq: int = 16, seed: int = 0, vocab: int = VOCAB) -
     """Deterministic random token ids. Shape: ``[rows, seq]``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (rows, seq), generator=g)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """``n`` intra-op threads inside the block, the previous count restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def one_thread():

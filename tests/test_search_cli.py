@@ -59,6 +59,31 @@ def test_infeasible_budget_is_refused_before_training_with_the_range(tmp_path, f
     assert msg.startswith("archquant-search: ") and "above the full model" in msg and "Traceback" not in err_text
 
 
+def test_session_reads_the_latency_table_of_the_configured_thread_count(tmp_path, monkeypatch):
+    """On CPU the device name, hence the table found, carries the thread count: a session reads the table of
+    ``trainer.num_threads`` (the count its stages run and time with), not of whatever torch's count is when a
+    Python-API user first asks for the feasible range, and leaves torch's count as it found it."""
+    import torch
+
+    import archquant.commands.session as session_mod
+    from archquant.commands.session import Session
+    from archquant.utils.env import device_name, torch_threads
+
+    seen = []
+    real = session_mod.load_table_for
+    monkeypatch.setattr(session_mod, "load_table_for", lambda *a, **k: (seen.append(device_name("cpu")), real(*a, **k))[1])
+    with torch_threads(1):
+        session = Session.load(_cfg(TINY + ["trainer.num_threads=3"], tmp_path))
+        session.feasible()
+        assert torch.get_num_threads() == 1
+        assert seen == [device_name("cpu").removesuffix("-1t") + "-3t"]
+        assert session.where().endswith("-3t")
+        # 0 leaves torch's count: the table of the threads the process runs with
+        unset = Session.load(_cfg(TINY + ["trainer.num_threads=0"], tmp_path))
+        unset.feasible()
+        assert seen[-1].endswith("-1t") and torch.get_num_threads() == 1
+
+
 def test_killed_search_resumes_to_the_same_architecture(tmp_path, feasible):
     from archquant.commands.search import search_job
     from archquant.training.checkpoint import ResumeMismatchError

@@ -21,7 +21,7 @@ from archquant.core.space import Space, model_fingerprint, resolve_space
 from archquant.latency import load_table_for
 from archquant.search.budget import FeasibleRange, check_budget, feasible_range
 from archquant.search.teacher import TeacherTargets, cached_teacher_targets
-from archquant.utils.env import device_name
+from archquant.utils.env import device_name, torch_threads
 from archquant.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,13 @@ class Session:
     @property
     def latency_model(self):
         """The latency model of ``latency.*`` for the session's space, read on first use (distillation never
-        needs one; a search, the Pareto stage and an export's record do)."""
+        needs one; a search, the Pareto stage and an export's record do).
+
+        On CPU the table is the one of ``trainer.num_threads`` threads (the count every stage runs and times
+        with), whatever torch's count is when this is first read."""
         if self._latency_model is None:
-            self._latency_model = load_table_for(self.cfg.latency, self.space, self.backend)
+            with torch_threads(self._threads()):
+                self._latency_model = load_table_for(self.cfg.latency, self.space, self.backend)
             log.info("%s", self._latency_model.describe())
         return self._latency_model
 
@@ -72,7 +76,13 @@ class Session:
     def where(self) -> str:
         """Backend, scenario and device, for messages and plots."""
         lc = self.cfg.latency
-        return f"{lc.backend} {lc.scenario}, batch {lc.batch}, on {device_name(lc.device)}"
+        with torch_threads(self._threads()):
+            return f"{lc.backend} {lc.scenario}, batch {lc.batch}, on {device_name(lc.device)}"
+
+    def _threads(self) -> int:
+        """``trainer.num_threads`` (0: torch's current count)."""
+        trainer = getattr(self.cfg, "trainer", None)
+        return int(getattr(trainer, "num_threads", 0) or 0)
 
     def feasible(self) -> FeasibleRange:
         return feasible_range(self.latency_model, self.space)

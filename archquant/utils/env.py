@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 import sys
@@ -17,6 +18,21 @@ def device_name(device: str = "cpu") -> str:
     else:
         raw = _cpu_model() + f"-{torch.get_num_threads()}t"
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in raw).strip("-").lower()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``n`` torch intra-op threads inside the block (``n <= 0``: leave the count), the previous count restored
+    afterwards. On CPU the device name, hence the latency table a lookup finds, carries the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpu_model() -> str:
