@@ -253,7 +253,8 @@ def _previous_timing(path: Path, files: dict[str, Path]) -> dict[str, dict] | No
     return {n: {k: old[n][k] for k in ("ms", "ci_ms", "ci_level", "rounds_ms")} for n in files}
 
 
-def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
+def plot(rows: list[dict], comparisons: list[dict], path: Path) -> tuple[float, float]:
+    """The front and the targets as a PNG; returns the perplexity axis' limits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,20 +265,29 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
              "preset": ("s", "tab:orange", "llama-quantize preset"), "original": ("*", "tab:red", "original file"),
              "uniform": ("D", "0.4", "uniform (full width)"), "full": ("P", "0.2", "full (F16)")}
     fig, ax = plt.subplots(figsize=(8, 5))
+    # the axis covers the points worth comparing; collapsed ones (over 1.4x the original's perplexity) sit on
+    # its top edge, marked and labelled with their perplexity, instead of squashing the rest into a strip
+    original = next((r["ppl"] for r in rows if r["family"] == "original"), None)
+    top = 1.4 * original if original else max(r["ppl"] for r in rows)
     seen = set()
     for r in rows:
         marker, color, label = style.get(r["family"], ("x", "k", r["family"]))
+        off = r["ppl"] > top
+        y = top if off else r["ppl"]
         ci = r.get("ci_ms")
         if ci:
-            ax.errorbar(r["ms"], r["ppl"], xerr=[[r["ms"] - ci[0]], [ci[1] - r["ms"]]], fmt="none", ecolor="0.6", lw=1)
-        ax.scatter(r["ms"], r["ppl"], marker=marker, color=color, s=60 if r["family"] == "joint" else 35,
-                   label=None if label in seen else label, zorder=3)
+            ax.errorbar(r["ms"], y, xerr=[[r["ms"] - ci[0]], [ci[1] - r["ms"]]], fmt="none", ecolor="0.6", lw=1)
+        ax.scatter(r["ms"], y, marker="^" if off else marker, color=color, s=60 if r["family"] == "joint" else 35,
+                   label=None if label in seen else label, zorder=3, clip_on=False)
         seen.add(label)
-        ax.annotate(r["name"].replace("sequential_search", "seq").replace("prune_quantise", "pq"), (r["ms"], r["ppl"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if r.get("same_as"):
+            continue  # drawn (and named) once, as the point it equals
+        name = r["name"].replace("sequential_search", "seq").replace("prune_quantise", "pq").replace("preset-", "")
+        ax.annotate(f"{name} (ppl {r['ppl']:.0f})" if off else name, (r["ms"], y), fontsize=6,
+                    xytext=(3, -9 if off else 3), textcoords="offset points")
     for c in comparisons:
         ax.axvline(c["target_ms"], color="tab:blue", ls=":", lw=1)
-    ax.set_yscale("log")
+    ax.set_ylim(0.97 * min(r["ppl"] for r in rows), top)
     ax.set_xlabel("llama.cpp decode ms/token (median of session minima, interleaved rounds)")
     ax.set_ylabel("WikiText-2 perplexity (llama.cpp)")
     ax.set_title("joint search vs sequential baselines and presets (dotted: targets)")
@@ -286,6 +296,7 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+    return ax.get_ylim()
 
 
 def markdown(result: dict) -> str:

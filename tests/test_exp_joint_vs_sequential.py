@@ -86,3 +86,16 @@ def test_finer_scores_follow_the_choice_until_it_needs_no_coarse_point(exp):
     fine = exp.refine_scores(coarse, choose, score)
     assert asked == [["a"], ["b"]] and set(fine) == {"a", "b"}
     assert exp._reference({"reference": "uniform-w8", "run_dir": "/elsewhere"}) == "uniform-w8"
+
+
+def test_the_picture_keeps_collapsed_points_on_its_edge_instead_of_squashing_the_rest(exp, tmp_path):
+    rows = [{"name": "original", "family": "original", "ms": 12.0, "ci_ms": [11.5, 12.5], "ppl": 30.0},
+            {"name": "search@8ms", "family": "joint", "ms": 10.0, "ci_ms": [9.5, 10.5], "ppl": 33.0},
+            {"name": "prune_quantise-w8@8ms", "family": "prune_quantise", "ms": 11.0, "ppl": 522.0},
+            {"name": "prune_quantise-w4@8ms", "family": "prune_quantise", "ms": 10.0, "ppl": 34.0,
+             "same_as": "uniform-w4"}]
+    path = tmp_path / "front.png"
+    low, top = exp.plot(rows, [{"target_ms": 11.0}], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the axis spans the comparable points (1.4x the original's perplexity), not the collapsed one at 522
+    assert top == pytest.approx(1.4 * 30.0) and low == pytest.approx(0.97 * 30.0)
