@@ -67,7 +67,7 @@ class Session:
         On CPU the table is the one of ``trainer.num_threads`` threads (the count every stage runs and times
         with), whatever torch's count is when this is first read."""
         if self._latency_model is None:
-            with torch_threads(self._threads()):
+            with torch_threads(self.cfg.trainer.num_threads):
                 self._latency_model = load_table_for(self.cfg.latency, self.space, self.backend)
             log.info("%s", self._latency_model.describe())
         return self._latency_model
@@ -76,13 +76,9 @@ class Session:
     def where(self) -> str:
         """Backend, scenario and device, for messages and plots."""
         lc = self.cfg.latency
-        with torch_threads(self._threads()):
+        with torch_threads(self.cfg.trainer.num_threads):
             return f"{lc.backend} {lc.scenario}, batch {lc.batch}, on {device_name(lc.device)}"
 
-    def _threads(self) -> int:
-        """``trainer.num_threads`` (0: torch's current count)."""
-        trainer = getattr(self.cfg, "trainer", None)
-        return int(getattr(trainer, "num_threads", 0) or 0)
 
     def feasible(self) -> FeasibleRange:
         return feasible_range(self.latency_model, self.space)
