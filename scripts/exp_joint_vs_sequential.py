@@ -196,7 +196,18 @@ def refine_scores(coarse: dict[str, dict], choose, score) -> dict[str, dict]:
         fine.update(score(sorted(need - fine.keys())))
 
 
-def score_ppl(path: Path, tok, args, stride: int | None = None) -> dict:
+def with_recorded(fine: dict[str, dict], names, read) -> dict[str, dict]:
+    """``fine`` plus the finer scores of the other ``names`` that ``read(name)`` finds already recorded (its
+    ``ppl`` is None where the record lacks some window: that point keeps its coarse reading)."""
+    out = dict(fine)
+    for name in sorted(set(names) - fine.keys()):
+        got = read(name)
+        if got["ppl"] is not None:
+            out[name] = got
+    return out
+
+
+def score_ppl(path: Path, tok, args, stride: int | None = None, score_missing: bool = True) -> dict:
     """Per-window NLLs of one GGUF in llama.cpp on every ``stride``-th (``--ppl-stride``) WikiText-2 window (cached per window,
     shared with ``bench_llamacpp.py``: ``archquant.evaluation.gguf_scores``)."""
     from archquant.data.config import DataConfig
@@ -206,7 +217,8 @@ def score_ppl(path: Path, tok, args, stride: int | None = None) -> dict:
 
     n = window_count(tok, resolve_data_path(DataConfig(), "ppl_file"), args.seq_len)
     return gguf_scores.perplexity(path, tok, list(range(0, n, stride or args.ppl_stride)), seq_len=args.seq_len,
-                                  threads=args.threads, chunk=args.chunk, log=lambda m: print(m, flush=True))
+                                  threads=args.threads, chunk=args.chunk, log=lambda m: print(m, flush=True),
+                                  score_missing=score_missing)
 
 
 def score_zero_shot(path: Path, tok, args) -> dict:
@@ -269,7 +281,7 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> tuple[float, 
     # its top edge, marked and labelled with their perplexity, instead of squashing the rest into a strip
     original = next((r["ppl"] for r in rows if r["family"] == "original"), None)
     top = 1.4 * original if original else max(r["ppl"] for r in rows)
-    seen = set()
+    seen, n_off = set(), 0
     for r in rows:
         marker, color, label = style.get(r["family"], ("x", "k", r["family"]))
         off = r["ppl"] > top
@@ -283,8 +295,10 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> tuple[float, 
         if r.get("same_as"):
             continue  # drawn (and named) once, as the point it equals
         name = r["name"].replace("sequential_search", "seq").replace("prune_quantise", "pq").replace("preset-", "")
+        # labels on the top edge alternate between two lines, so neighbours do not overprint
         ax.annotate(f"{name} (ppl {r['ppl']:.0f})" if off else name, (r["ms"], y), fontsize=6,
-                    xytext=(3, -9 if off else 3), textcoords="offset points")
+                    xytext=(3, -9 - 8 * (n_off % 2) if off else 3), textcoords="offset points")
+        n_off += off
     for c in comparisons:
         ax.axvline(c["target_ms"], color="tab:blue", ls=":", lw=1)
     ax.set_ylim(0.97 * min(r["ppl"] for r in rows), top)
@@ -302,8 +316,11 @@ def plot(rows: list[dict], comparisons: list[dict], path: Path) -> tuple[float, 
 def markdown(result: dict) -> str:
     """The README tables: every point, then each target's comparison."""
     zs_tasks = next((list(r["zero_shot"]) for r in result["points"] if r.get("zero_shot")), [])
-    lines = ["| point | family | decode ms [interval] | ppl | MB |" + "".join(f" {t} |" for t in zs_tasks),
-             "|---|---|---|---|---|" + "---|" * len(zs_tasks)]
+    # where the compared points were scored on more windows than the rest, say which ppl rests on how many
+    windows = len({r.get("ppl_windows") for r in result["points"]}) > 1
+    lines = ["| point | family | decode ms [interval] | ppl |" + (" windows |" if windows else "") + " MB |"
+             + "".join(f" {t} |" for t in zs_tasks),
+             "|---|---|---|---|---|" + "---|" * (len(zs_tasks) + windows)]
     twins: dict[str, list[str]] = {}
     for r in result["points"]:
         if r.get("same_as"):
@@ -317,7 +334,8 @@ def markdown(result: dict) -> str:
         name = r["name"] + (f" ({r['reference']})" if r.get("reference") else "")
         name += f" (= {', '.join(twins[r['name']])})" if r["name"] in twins else ""
         lines.append(f"| {name} | {r['family']} | {r['ms']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r['ppl']:.2f} | "
-                     f"{r['file_mb']:.1f} |" + "".join(f" {c} |" for c in cells))
+                     + (f"{r.get('ppl_windows')} | " if windows else "")
+                     + f"{r['file_mb']:.1f} |" + "".join(f" {c} |" for c in cells))
     lines += ["", "| target ms | joint pick: ms, ppl | vs prune_quantise | vs sequential_search | vs best preset | "
                   "speed-up at equal ppl (vs baselines) |", "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
@@ -435,6 +453,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                     original["name"])}
 
         fine = refine_scores(coarse, choose, lambda names: score_all(names, args.ppl_stride))
+        # the rest of the front keeps its coarse reading unless its record already holds the finer windows
+        # (scored by an earlier run or another script: free to read, and compared like the rest)
+        fine = with_recorded(fine, files.keys(), lambda src: score_ppl(files[src], session.tokenizer, args,
+                                                                       args.ppl_stride, score_missing=False))
         _, scored = compare(fine)
         comparisons = compare_at_targets(scored, targets, args.seq_len - 1)
         for r in rows:

@@ -99,3 +99,19 @@ def test_the_picture_keeps_collapsed_points_on_its_edge_instead_of_squashing_the
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the axis spans the comparable points (1.4x the original's perplexity), not the collapsed one at 522
     assert top == pytest.approx(1.4 * 30.0) and low == pytest.approx(0.97 * 30.0)
+
+
+def test_points_whose_records_hold_the_finer_windows_join_them_and_the_table_says_on_how_many(exp):
+    fine = {"a": {"ppl": 31.0, "windows": 589}}
+    recorded = {"b": {"ppl": 33.0, "windows": 589}, "c": {"ppl": None, "windows": 589, "unscored": 300}}
+    got = exp.with_recorded(fine, ["a", "b", "c"], lambda n: recorded[n])
+    assert got == {"a": fine["a"], "b": recorded["b"]} and fine == {"a": {"ppl": 31.0, "windows": 589}}
+
+    def row(name, ppl, windows):
+        return {"name": name, "family": "preset", "ms": 10.0, "ci_ms": [9.0, 11.0], "ppl": ppl,
+                "ppl_windows": windows, "file_mb": 90.0}
+
+    table = exp.markdown({"points": [row("a", 31.0, 589), row("c", 35.0, 37)], "comparisons": []})
+    assert "| ppl | windows | MB |" in table and "| 31.00 | 589 | 90.0 |" in table and "| 35.00 | 37 | 90.0 |" in table
+    # one reading for every point: no windows column
+    assert "windows" not in exp.markdown({"points": [row("a", 31.0, 589)], "comparisons": []})
