@@ -318,9 +318,10 @@ def markdown(result: dict) -> str:
     zs_tasks = next((list(r["zero_shot"]) for r in result["points"] if r.get("zero_shot")), [])
     # where the compared points were scored on more windows than the rest, say which ppl rests on how many
     windows = len({r.get("ppl_windows") for r in result["points"]}) > 1
+    mean = " zero-shot mean |" if zs_tasks else ""
     lines = ["| point | family | decode ms [interval] | ppl |" + (" windows |" if windows else "") + " MB |"
-             + "".join(f" {t} |" for t in zs_tasks),
-             "|---|---|---|---|---|" + "---|" * (len(zs_tasks) + windows)]
+             + "".join(f" {t} |" for t in zs_tasks) + mean,
+             "|---|---|---|---|---|" + "---|" * (len(zs_tasks) + windows + bool(mean))]
     twins: dict[str, list[str]] = {}
     for r in result["points"]:
         if r.get("same_as"):
@@ -331,6 +332,9 @@ def markdown(result: dict) -> str:
         ci = r.get("ci_ms") or [r["ms"], r["ms"]]
         zs = r.get("zero_shot") or {}
         cells = [f"{zs[t][zs[t]['metric']]:.3f} +- {zs[t]['stderr']:.3f}" if t in zs else "" for t in zs_tasks]
+        if mean:  # the headline metrics' plain mean, where every task was scored
+            cells.append(f"{sum(zs[t][zs[t]['metric']] for t in zs_tasks) / len(zs_tasks):.3f}"
+                         if all(t in zs for t in zs_tasks) else "")
         name = r["name"] + (f" ({r['reference']})" if r.get("reference") else "")
         name += f" (= {', '.join(twins[r['name']])})" if r["name"] in twins else ""
         lines.append(f"| {name} | {r['family']} | {r['ms']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | {r['ppl']:.2f} | "

@@ -115,3 +115,17 @@ def test_points_whose_records_hold_the_finer_windows_join_them_and_the_table_say
     assert "| ppl | windows | MB |" in table and "| 31.00 | 589 | 90.0 |" in table and "| 35.00 | 37 | 90.0 |" in table
     # one reading for every point: no windows column
     assert "windows" not in exp.markdown({"points": [row("a", 31.0, 589)], "comparisons": []})
+
+
+def test_the_zero_shot_columns_carry_each_task_with_its_error_and_the_mean_where_every_task_was_scored(exp):
+    zs = {"piqa": {"acc": 0.6, "acc_norm": 0.64, "stderr": 0.011, "metric": "acc_norm"},
+          "boolq": {"acc": 0.42, "stderr": 0.022, "metric": "acc"}}
+    rows = [{"name": "a", "family": "joint", "ms": 10.0, "ppl": 31.0, "file_mb": 90.0, "zero_shot": zs},
+            {"name": "b", "family": "preset", "ms": 9.0, "ppl": 35.0, "file_mb": 80.0,
+             "zero_shot": {"piqa": zs["piqa"]}},
+            {"name": "c", "family": "preset", "ms": 8.0, "ppl": 36.0, "file_mb": 70.0}]
+    table = exp.markdown({"points": rows, "comparisons": []}).split("\n")
+    assert table[0].endswith("| piqa | boolq | zero-shot mean |") and table[1].count("---") == 8
+    by_name = {line.split(" | ")[0].removeprefix("| "): line for line in table[2:5]}
+    assert by_name["a"].endswith("| 0.640 +- 0.011 | 0.420 +- 0.022 | 0.530 |")
+    assert by_name["b"].endswith("| 0.640 +- 0.011 |  |  |") and by_name["c"].endswith("| 70.0 |  |  |  |")
