@@ -470,8 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
     # the zero-shot suite for the points compared (the slow part: every task on llama.cpp's logits)
     compared = {original["name"]} | {e["point"]["name"] for c in comparisons for e in c["versus"].values() if e["point"]}
     compared |= {c["joint"]["name"] for c in comparisons if c["joint"]}
+    compared = {r["same_as"] or r["name"] for r in rows if r["name"] in compared}  # by file: twins share it
     for r in rows:
-        if r["name"] in compared:
+        if (r["same_as"] or r["name"]) in compared:
             print(f"zero-shot of {r['name']}", flush=True)
             r["zero_shot"] = score_zero_shot(Path(r["file"]), session.tokenizer, args)
     any_score = next(iter(coarse.values()))
