@@ -94,6 +94,11 @@ def session_of(overrides: list[str], out_dir: Path):
     return cfg, Session.load(cfg)
 
 
+def gguf_path(folder: Path, name: str) -> Path:
+    """Where ``point_files`` keeps the GGUF of the point ``name`` (``@`` is not welcome in file names)."""
+    return folder / f"{name.replace('@', '_at_')}.gguf"
+
+
 def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
     """``name -> GGUF`` for every distinct point (twins share their source's file; the F16 ``full`` point, which
     has no arch, is left out)."""
@@ -108,7 +113,7 @@ def point_files(points: list[dict], session, folder: Path) -> dict[str, Path]:
             continue
         if extra.get("same_arch_as") or p.get("arch") is None:
             continue
-        path = folder / f"{p['name'].replace('@', '_at_')}.gguf"
+        path = gguf_path(folder, p["name"])
         if not path.is_file():
             model = session.materialize(Arch.from_dict(p["arch"]))
             tmp = path.with_suffix(".tmp.gguf")  # the model's own types; the original's tokenizer where there is one
@@ -470,11 +475,13 @@ def main(argv: list[str] | None = None) -> dict:
     # the zero-shot suite for the points compared (the slow part: every task on llama.cpp's logits)
     compared = {original["name"]} | {e["point"]["name"] for c in comparisons for e in c["versus"].values() if e["point"]}
     compared |= {c["joint"]["name"] for c in comparisons if c["joint"]}
-    compared = {r["same_as"] or r["name"] for r in rows if r["name"] in compared}  # by file: twins share it
+    zero_shot = {}  # by file: twins share their source's
+    for src in sorted({r["same_as"] or r["name"] for r in rows if r["name"] in compared}):
+        print(f"zero-shot of {src}", flush=True)
+        zero_shot[src] = score_zero_shot(files[src], session.tokenizer, args)
     for r in rows:
-        if (r["same_as"] or r["name"]) in compared:
-            print(f"zero-shot of {r['name']}", flush=True)
-            r["zero_shot"] = score_zero_shot(Path(r["file"]), session.tokenizer, args)
+        if (r["same_as"] or r["name"]) in zero_shot:
+            r["zero_shot"] = zero_shot[r["same_as"] or r["name"]]
     any_score = next(iter(coarse.values()))
     result = {
         "header": run_header(threads=args.threads, rounds=args.rounds, run=str(run), overrides=overrides,

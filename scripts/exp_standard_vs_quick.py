@@ -44,15 +44,20 @@ def main(argv: list[str] | None = None) -> dict:
                "arch": json.loads((d / "arch.json").read_text()),
                "result": json.loads((d / "search.json").read_text())["result"]} for d in searches]
     quick = {p["name"]: p for p in json.loads(Path(args.versus).read_text())["points"] if p["source"] == "search"}
-    cfg, session = exp.session_of(exp.run_overrides(run), run)
+    # what the comparison needs from the quick run, checked before the (slow) exports
+    for p in points:
+        if p["name"] not in quick:
+            raise SystemExit(f"{args.versus} has no {p['name']}: compare runs searched at the same budgets")
+        q_file = exp.gguf_path(Path(args.versus_gguf), p["name"])
+        if not q_file.is_file():
+            raise SystemExit(f"{q_file} is missing: rebuild the quick experiment's files with "
+                             f"exp_joint_vs_sequential.py --run {args.versus} --out <folder> and pass <folder>/gguf")
+    _, session = exp.session_of(exp.run_overrides(run), run)
     files = exp.point_files(points, session, run / "gguf")
     ns = argparse.Namespace(seq_len=512, ppl_stride=args.stride, threads=args.threads, chunk=8)
     rows = []
     for p in points:
-        q = quick.get(p["name"])
-        if q is None:
-            raise SystemExit(f"{args.versus} has no {p['name']}: compare runs searched at the same budgets")
-        q_file = Path(args.versus_gguf) / f"{p['name'].replace('@', '_at_')}.gguf"
+        q, q_file = quick[p["name"]], exp.gguf_path(Path(args.versus_gguf), p["name"])
         s, b = (exp.score_ppl(f, session.tokenizer, ns) for f in (files[p["name"]], q_file))
         ref = p["result"].get("reference") or {}
         rows.append({"name": p["name"], "standard_ppl": s["ppl"], "quick_ppl": b["ppl"], "windows": s["windows"],

@@ -79,7 +79,6 @@ class Session:
         with torch_threads(self.cfg.trainer.num_threads):
             return f"{lc.backend} {lc.scenario}, batch {lc.batch}, on {device_name(lc.device)}"
 
-
     def feasible(self) -> FeasibleRange:
         return feasible_range(self.latency_model, self.space)
 
